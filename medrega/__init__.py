@@ -1,0 +1,1 @@
+"""MedRegA pipeline: domain code shared by the stages (config, vocabulary, sources, records, metrics)."""

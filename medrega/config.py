@@ -1,0 +1,50 @@
+"""Load `params.yaml` and resolve a profile.
+
+`params.yaml` holds every knob. Its top-level sections are the `tiny` profile (the embedded
+default); `profiles.<name>` holds overlays that are deep-merged on top for other profiles
+(e.g. `h800-cluster`). The active profile is, in order: the explicit argument, the
+`MEDREGA_PROFILE` environment variable, then `profile:` in the file.
+"""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """params.yaml is missing, malformed, or names an unknown profile."""
+
+
+def deep_merge(base: dict, overlay: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def load_params(path: str | Path = DEFAULT_PARAMS, profile: str | None = None) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found (run from the repository root or pass --params)")
+    with path.open(encoding="utf-8") as fh:
+        raw = yaml.safe_load(fh) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", {}) or {}
+    name = profile or os.environ.get("MEDREGA_PROFILE") or raw.get("profile", "tiny")
+    if name != raw.get("base_profile", "tiny"):
+        if name not in profiles:
+            known = ", ".join([raw.get("base_profile", "tiny"), *profiles])
+            raise ConfigError(f"{path}: unknown profile {name!r} (known: {known})")
+        raw = deep_merge(raw, profiles[name])
+    raw["profile"] = name
+    return raw
