@@ -1,0 +1,93 @@
+"""MLflow tracking: where runs go, and one run per stage nested under the pipeline's run.
+
+Default store: SQLite under `mlflow/` with artifacts in `mlflow/artifacts` (MLflow >= 3.13
+refuses the plain file store). `MLFLOW_TRACKING_URI` points elsewhere (a real server). The
+pipeline flow exports `MEDREGA_PARENT_RUN_ID` so stages started by `dvc repro` nest under it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = os.environ.get("MEDREGA_EXPERIMENT", "medrega")
+PARENT_ENV = "MEDREGA_PARENT_RUN_ID"
+MLFLOW_DIR = Path("mlflow")
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLFLOW_DIR / 'mlflow.db').resolve()}"
+
+
+def setup() -> str:
+    """Point MLflow at the store and make sure the experiment exists; returns its id."""
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        MLFLOW_DIR.mkdir(exist_ok=True)
+    existing = mlflow.get_experiment_by_name(EXPERIMENT)
+    if existing is not None:
+        experiment_id = existing.experiment_id
+    else:
+        # A local store gets an explicit artifact location, or artifacts land in ./mlruns.
+        location = None if uri.startswith("http") else (MLFLOW_DIR / "artifacts").resolve().as_uri()
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+@contextmanager
+def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]:
+    """An MLflow run for one stage, nested under the pipeline run when there is one."""
+    import mlflow
+
+    setup()
+    parent = os.environ.get(PARENT_ENV)
+    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=bool(parent)) as run:
+        mlflow.set_tag("medrega.stage", stage)
+        if params:
+            mlflow.log_params(flatten(params, f"{stage}."))
+        yield run
+
+
+def log_json(data: Any, artifact_file: str) -> None:
+    import mlflow
+
+    mlflow.log_dict(data, artifact_file)
+
+
+def log_history(history: list[dict[str, Any]]) -> None:
+    """Trainer log history (loss, learning rate, grad norm) as step-indexed metrics."""
+    import mlflow
+
+    for entry in history:
+        step = int(entry.get("step", 0))
+        for key in ("loss", "learning_rate", "grad_norm"):
+            if isinstance(entry.get(key), (int, float)):
+                mlflow.log_metric(f"train/{key}", float(entry[key]), step=step)
+
+
+def log_training(summary: dict[str, Any]) -> None:
+    """A training summary: the loss curve as metrics, the scalar figures, the whole as JSON."""
+    import mlflow
+
+    log_history(summary.get("log_history", []))
+    scalars = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    mlflow.log_metrics(scalars)
+    log_json(summary, f"{summary.get('stage', 'train')}_summary.json")

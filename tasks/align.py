@@ -1,0 +1,69 @@
+"""Stage 1, alignment: build the base model and train only its MLP projector on captions.
+
+For the `tiny` preset the base is made here: a bilingual BPE tokenizer trained on the
+instruction corpus and a randomly initialised InternVL. Real presets load their checkpoint
+and its tokenizer. Output: `out_dir/model` (HF format, with tokenizer and processor config).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from medrega import tracking
+from model.data import iter_records
+from model.presets import build_model, num_image_tokens
+from model.processor import MedRegAProcessor, ProcessorConfig
+from model.tokenizer import SPECIAL_TOKENS, train_tokenizer
+from model.train import train_stage
+
+
+def corpus(meta_file: Path):
+    """Every text the model will read or write, for training the tokenizer."""
+    seen_prompts = set()
+    for record, entry in iter_records(meta_file):
+        prompt = entry.get("base_prompt")
+        if prompt and prompt not in seen_prompts:
+            seen_prompts.add(prompt)
+            yield prompt
+        for turn in record["conversations"]:
+            yield turn["value"]
+
+
+def load_tokenizer(params: dict[str, Any], meta_file: Path):
+    cfg = params["model"]
+    if cfg["preset"] == "tiny":
+        return train_tokenizer(corpus(meta_file), params["tokenizer"]["vocab_size"], params["tokenizer"]["min_frequency"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(cfg["checkpoint"])
+    missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
+    if missing:
+        tok.add_special_tokens({"additional_special_tokens": missing})
+    return tok
+
+
+def build_base(params: dict[str, Any], meta_file: Path, base_dir: Path) -> MedRegAProcessor:
+    cfg = params["model"]
+    tokenizer = load_tokenizer(params, meta_file)
+    processor = MedRegAProcessor(
+        tokenizer,
+        ProcessorConfig(image_size=cfg["image_size"], num_image_tokens=num_image_tokens(cfg),
+                        max_length=cfg["max_length"], system_prompt=cfg.get("system_prompt")),
+    )
+    model = build_model(cfg, tokenizer, seed=params["seed"])
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.save_pretrained(str(base_dir))
+    processor.save_pretrained(base_dir)
+    return processor
+
+
+def align(instructions_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+    meta_file = Path(instructions_dir) / "meta_file.json"
+    out_dir = Path(out_dir)
+    base_dir = out_dir / "base"
+    with tracking.stage_run("align", {"align": params["align"], "model": params["model"]}):
+        build_base(params, meta_file, base_dir)
+        summary = train_stage("align", params, meta_file, base_dir, out_dir)
+        tracking.log_training(summary)
+    return summary

@@ -1,0 +1,45 @@
+"""Stage 2, instruction tuning: LoRA (or the full LLM) on the region-centric tasks.
+
+Launches `model.train` on every rank (torchrun locally, or Slurm), then, in this single
+process, merges the LoRA adapter into the base so `out_dir/model` loads with plain
+`from_pretrained`. `out_dir/adapter` keeps the adapter alone.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from medrega import tracking
+from model.launch import launch, worker_args
+from model.processor import MedRegAProcessor
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
+    from peft import PeftModel
+    from transformers import InternVLForConditionalGeneration
+
+    base = InternVLForConditionalGeneration.from_pretrained(str(base_dir))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    partial = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    merged.save_pretrained(str(partial))
+    MedRegAProcessor.from_pretrained(adapter_dir).save_pretrained(partial)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+
+
+def tune(instructions_dir: Path, align_dir: Path, out_dir: Path, params: dict[str, Any],
+         params_file: Path = Path("params.yaml")) -> dict[str, Any]:
+    cfg = params["tune"]
+    meta = Path(instructions_dir) / "meta_file.json"
+    base = Path(align_dir) / "model"
+    out_dir = Path(out_dir)
+    with tracking.stage_run("tune", {"tune": cfg}):
+        launch(cfg["launcher"], worker_args("tune", params_file, meta, base, out_dir), out_dir / "train.log")
+        if cfg.get("mode", "lora") == "lora":
+            merge_adapter(base, out_dir / "adapter", out_dir / "model")
+        summary = json.loads((out_dir / "train_summary.json").read_text())
+        tracking.log_training(summary)
+    return summary
