@@ -1,0 +1,62 @@
+"""Inference: batched greedy generation over (image, question) pairs.
+
+Prompts are sorted by length and left-padded, so each batch wastes little compute on padding
+and every row's new tokens start at the same position; the KV cache is on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import InternVLForConditionalGeneration
+
+from model.processor import MedRegAProcessor
+
+
+@dataclass(frozen=True)
+class Query:
+    image: Path | Image.Image
+    question: str
+    base_prompt: str | None = None
+
+
+class Generator:
+    def __init__(self, model: InternVLForConditionalGeneration, processor: MedRegAProcessor):
+        self.model = model.eval()
+        self.processor = processor
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, dtype: torch.dtype = torch.float32) -> "Generator":
+        model = InternVLForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype)
+        return cls(model, MedRegAProcessor.from_pretrained(model_dir))
+
+    def _pixels(self, image: Path | Image.Image) -> torch.Tensor:
+        return self.processor.pixel_values(image) if isinstance(image, Image.Image) else self.processor.load_image(image)
+
+    @torch.inference_mode()
+    def generate(self, queries: list[Query], batch_size: int = 16, max_new_tokens: int = 64) -> list[str]:
+        tok = self.processor.tokenizer
+        encoded = [self.processor.encode_prompt(q.question, q.base_prompt) for q in queries]
+        order = sorted(range(len(queries)), key=lambda i: len(encoded[i]))
+        answers: list[str] = [""] * len(queries)
+        device = self.model.device
+        for start in range(0, len(order), batch_size):
+            rows = order[start:start + batch_size]
+            width = max(len(encoded[i]) for i in rows)
+            ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), width), dtype=torch.long)
+            for r, i in enumerate(rows):  # left padding
+                ids[r, width - len(encoded[i]):] = torch.tensor(encoded[i])
+                mask[r, width - len(encoded[i]):] = 1
+            pixels = torch.stack([self._pixels(queries[i].image) for i in rows]).to(device, self.model.dtype)
+            out = self.model.generate(
+                input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
+                max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
+                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            )
+            for r, i in enumerate(rows):
+                answers[i] = tok.decode(out[r, width:], skip_special_tokens=False).split(tok.eos_token)[0]
+                answers[i] = answers[i].replace(tok.pad_token, "").strip()
+        return answers
