@@ -1,0 +1,193 @@
+"""The MedRegA pipeline as one Prefect flow.
+
+Every stage runs through `dvc repro --single-item <stage>`, i.e. the exact command in
+dvc.yaml, so Prefect runs and `dvc repro` runs are the same thing and DVC decides what is up
+to date. The flow adds what DVC does not: retries, one MLflow parent run that the stages nest
+under, a Prefect artifact per stage, and a `dvc push` once everything succeeded.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from medrega import tracking
+from medrega.config import load_params
+
+STAGES = ("validate", "materialize", "align", "tune", "evaluate", "register")
+BAD_INPUT = 3  # the CLI's exit code for deterministic input errors: never retried
+
+
+class PipelineFailed(RuntimeError):
+    def __init__(self, stage: str, detail: str, exit_code: int = 1):
+        super().__init__(f"stage {stage!r} failed: {detail}")
+        self.stage, self.exit_code = stage, exit_code
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, log_tail: str):
+        super().__init__(f"{stage} exited {returncode}:\n{log_tail}")
+        self.stage, self.returncode = stage, returncode
+
+
+def _dvc(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    dvc = str(Path(sys.executable).with_name("dvc"))
+    proc = subprocess.run([dvc, *args], capture_output=True, text=True, env=env)
+    if check and proc.returncode != 0:
+        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+    return proc
+
+
+def stage_up_to_date(stage: str) -> bool:
+    out = _dvc("status", stage, "--json").stdout.strip()
+    return json.loads(out or "{}") == {}
+
+
+def _retry_unless_bad_input(task, task_run, state) -> bool:
+    err = state.result(raise_on_failure=False)
+    return not (isinstance(err, StageFailed) and err.returncode == BAD_INPUT)
+
+
+@task(name="raw-data", retries=1)
+def ensure_raw_data(params: dict[str, Any]) -> str:
+    """The embedded default's raw data: generated if missing, then tracked by data.dvc."""
+    logger = get_run_logger()
+    root = Path(params["data"]["root"])
+    if not (root / "SAMed2D_v1.json").exists():
+        logger.info("generating synthetic SA-Med2D-layout data in %s", root)
+        from medrega.sources.synthetic import generate
+
+        d = params["data"]
+        generate(root, d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
+    status = _dvc("status", "data.dvc", "--json", check=False)
+    if status.returncode != 0 or json.loads(status.stdout.strip() or "{}"):
+        _dvc("add", "data")  # hashes and caches the data; data.dvc only changes if the data did
+    return str(root)
+
+
+def _summary(stage: str, params: dict[str, Any]) -> dict[str, Any]:
+    """The figures a person wants to see for a stage, read from what it wrote."""
+    files = {
+        "validate": Path(params["validate"]["out"]) / "report.json",
+        "materialize": Path(params["materialize"]["out"]) / "summary.json",
+        "align": Path(params["align"]["out"]) / "train_summary.json",
+        "tune": Path(params["tune"]["out"]) / "train_summary.json",
+        "evaluate": Path(params["evaluate"]["out"]) / "metrics.json",
+        "register": Path(params["register"]["out"]) / "registered.json",
+    }
+    path = files[stage]
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data.pop("log_history", None)
+    return data
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
+    rows = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            rows += _flat(value, f"{prefix}{key}.")
+        elif not isinstance(value, list):
+            rows.append({"figure": f"{prefix}{key}", "value": str(value)})
+    return rows
+
+
+@task(name="stage", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_input,
+      task_run_name="{stage}")
+def run_stage(stage: str, params: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+    logger = get_run_logger()
+    skipped = stage_up_to_date(stage)
+    if skipped:
+        logger.info("%s: up to date (DVC), skipped", stage)
+    else:
+        logger.info("%s: running `dvc repro --single-item %s`", stage, stage)
+        proc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        lines: list[str] = []
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line.rstrip())
+            print(line, end="")  # live output in the terminal
+        if proc.wait() != 0:
+            # dvc wraps the command's exit code; recover ours from the message
+            code = BAD_INPUT if any("failed:" in ln and "medrega" not in ln.lower() for ln in lines) else proc.returncode
+            code = BAD_INPUT if any(f"exited with {BAD_INPUT}" in ln for ln in lines) else code
+            raise StageFailed(stage, code, "\n".join(lines[-25:]))
+    summary = _summary(stage, params)
+    rows = _flat(summary)[:200]
+    create_table_artifact(key=f"medrega-{stage}", table=rows or [{"figure": "status", "value": "no summary"}],
+                          description=f"**{stage}** — {'up to date, skipped' if skipped else 'ran'}")
+    return {"stage": stage, "skipped": skipped, "summary": summary}
+
+
+@task(name="dvc-push", retries=2, retry_delay_seconds=[5, 30])
+def dvc_push() -> str:
+    out = _dvc("push")
+    return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
+
+
+@flow(name="medrega-pipeline", log_prints=False)
+def medrega_pipeline(profile: str | None = None, push: bool = True, params_file: str = "params.yaml") -> dict[str, Any]:
+    import mlflow
+
+    logger = get_run_logger()
+    params = load_params(params_file, profile)
+    env = dict(os.environ, MEDREGA_PROFILE=params["profile"])
+    try:
+        from prefect.runtime import flow_run
+
+        env["MEDREGA_FLOW_RUN_ID"] = str(flow_run.id or "")
+    except Exception:  # noqa: BLE001 - lineage is best effort outside a flow run
+        pass
+
+    ensure_raw_data(params)
+    tracking.setup()
+    results: dict[str, Any] = {}
+    with mlflow.start_run(run_name=f"pipeline-{params['profile']}") as parent:
+        mlflow.set_tags({"medrega.profile": params["profile"], "prefect.flow_run_id": env.get("MEDREGA_FLOW_RUN_ID", "")})
+        env[tracking.PARENT_ENV] = parent.info.run_id
+        for stage in STAGES:
+            try:
+                results[stage] = run_stage(stage, params, env)
+            except StageFailed as err:
+                mlflow.set_tag("medrega.failed_stage", stage)
+                raise PipelineFailed(stage, str(err), BAD_INPUT if err.returncode == BAD_INPUT else 1) from err
+        skipped = [s for s in STAGES if results[s]["skipped"]]
+        mlflow.set_tag("medrega.skipped_stages", ",".join(skipped))
+    pushed = dvc_push() if push else "not pushed (--no-push)"
+    report = final_report(params, results, pushed)
+    create_markdown_artifact(key="medrega-pipeline", markdown=report, description="Where the results are")
+    logger.info("\n%s", report)
+    print(report)
+    return results
+
+
+def final_report(params: dict[str, Any], results: dict[str, Any], pushed: str) -> str:
+    reg = results["register"]["summary"]
+    metrics = results["evaluate"]["summary"]
+    lines = ["# MedRegA pipeline finished", ""]
+    lines.append("| stage | status |")
+    lines.append("|---|---|")
+    for stage in STAGES:
+        lines.append(f"| {stage} | {'up to date (skipped)' if results[stage]['skipped'] else 'ran'} |")
+    lines += ["", f"- Registered model: `{reg.get('uri')}` (version {reg.get('version')}, name `{reg.get('model_name')}`)",
+              f"- MLflow tracking: `{reg.get('tracking_uri')}`"]
+    for task_name, m in metrics.items():
+        keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "bleu1", "name_accuracy") if k in m]
+        lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
+    lines += [f"- Metrics file: `{params['evaluate']['out']}/metrics.json` (`dvc metrics show`)",
+              f"- DVC outputs: {', '.join(params[s]['out'] for s in ('validate', 'materialize', 'align', 'tune', 'evaluate', 'register'))}; remote: {pushed}",
+              "- Prefect UI: `make ui` (or `prefect server start`), then open http://127.0.0.1:4200",
+              "- MLflow UI: `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db` then open http://127.0.0.1:5000"]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    medrega_pipeline()
