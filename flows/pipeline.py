@@ -117,8 +117,7 @@ def run_stage(stage: str, params: dict[str, Any], env: dict[str, str]) -> dict[s
             print(line, end="")  # live output in the terminal
         if proc.wait() != 0:
             # dvc wraps the command's exit code; recover ours from the message
-            code = BAD_INPUT if any("failed:" in ln and "medrega" not in ln.lower() for ln in lines) else proc.returncode
-            code = BAD_INPUT if any(f"exited with {BAD_INPUT}" in ln for ln in lines) else code
+            code = BAD_INPUT if any(f"exited with {BAD_INPUT}" in ln for ln in lines) else proc.returncode
             raise StageFailed(stage, code, "\n".join(lines[-25:]))
     summary = _summary(stage, params)
     rows = _flat(summary)[:200]
@@ -139,7 +138,9 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
 
     logger = get_run_logger()
     params = load_params(params_file, profile)
-    env = dict(os.environ, MEDREGA_PROFILE=params["profile"])
+    # dvc.yaml's commands (`medrega ...`) must resolve to this environment's console script
+    bin_dir = str(Path(sys.executable).parent)
+    env = dict(os.environ, MEDREGA_PROFILE=params["profile"], PYTHONUNBUFFERED="1", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     try:
         from prefect.runtime import flow_run
 

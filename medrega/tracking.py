@@ -91,3 +91,16 @@ def log_training(summary: dict[str, Any]) -> None:
     scalars = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(scalars)
     log_json(summary, f"{summary.get('stage', 'train')}_summary.json")
+
+
+def metric_name(name: str) -> str:
+    """MLflow allows only [A-Za-z0-9_-. :/] in metric names; `acc@0.5` becomes `acc_at_0.5`."""
+    return name.replace("@", "_at_")
+
+
+def log_task_metrics(metrics: dict[str, dict[str, Any]]) -> None:
+    """`{task: {figure: value}}` as `task/figure` metrics."""
+    import mlflow
+
+    mlflow.log_metrics({metric_name(f"{task}/{k}"): float(v) for task, m in metrics.items()
+                        for k, v in m.items() if isinstance(v, (int, float))})

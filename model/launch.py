@@ -54,7 +54,17 @@ def run_local(launcher: dict[str, Any], args: list[str], log_file: Path) -> None
             sys.stdout.write(line)
         code = proc.wait()
     if code != 0:
+        raise_data_error(log_file)
         raise LaunchFailed(f"torchrun exited {code}; last lines of {log_file}:\n{tail(log_file)}")
+
+
+def raise_data_error(log_file: Path) -> None:
+    """A rank that stopped on bad input: re-raise it as such, so it is not retried."""
+    from model.data import DataError
+
+    for line in tail(log_file, 200).splitlines():
+        if line.startswith("model.data.DataError: "):
+            raise DataError(line.split(": ", 1)[1])
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -123,6 +133,7 @@ def run_slurm(launcher: dict[str, Any], args: list[str], log_file: Path, poll_s:
         if state in {"COMPLETED"}:
             return job
         if state in {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}:
+            raise_data_error(log_file)
             raise LaunchFailed(f"Slurm job {job} ended {state}; last lines of {log_file}:\n{tail(log_file)}")
         time.sleep(poll_s)
 

@@ -31,7 +31,9 @@ LLM_MODULE_PATTERN = r"(?:.*\.)?language_model\..*\.({names})"
 def freeze_for_stage(model: InternVLForConditionalGeneration, stage: str, mode: str = "lora") -> None:
     for p in model.parameters():
         p.requires_grad = False
-    if stage == "align":
+    if stage == "base":
+        trainable = [model]  # tiny preset only: stands in for a pretrained checkpoint
+    elif stage == "align":
         trainable = [model.model.multi_modal_projector]
     elif stage == "tune" and mode == "full":
         trainable = [model.model.language_model, model.lm_head]
@@ -143,9 +145,14 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     For LoRA, `out_dir/adapter` holds the adapter alone; the merged model is made by the caller
     (a single process) once all ranks are done.
     """
-    cfg = params[stage]
+    cfg = params["model"]["base_pretrain"] if stage == "base" else params[stage]
     processor = MedRegAProcessor.from_pretrained(base_dir)
-    tasks = ["caption"] if stage == "align" else [t for t in params["materialize"]["tasks"] if t != "caption"]
+    if stage == "base":
+        tasks = cfg["tasks"]
+    elif stage == "align":
+        tasks = ["caption"]
+    else:
+        tasks = [t for t in params["materialize"]["tasks"] if t != "caption"]
     dataset = InstructionDataset(meta_file, processor, tasks=tasks,
                                  max_too_long_share=cfg.get("max_too_long_share", 0.0), seed=params["seed"])
 
@@ -155,8 +162,8 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     model = InternVLForConditionalGeneration.from_pretrained(
         str(base_dir), dtype=dtype, attn_implementation=params["model"].get("attn_implementation", "sdpa")
     )
-    mode = cfg.get("mode", "lora") if stage == "tune" else "projector"
-    freeze_for_stage(model, stage, "lora" if mode == "lora" else "full")
+    mode = {"base": "full", "align": "projector"}.get(stage) or cfg.get("mode", "lora")
+    freeze_for_stage(model, stage, mode)
     if stage == "tune" and mode == "lora":
         model = apply_lora(model, cfg["lora"])
     if cfg.get("gradient_checkpointing"):
@@ -205,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     from medrega.config import load_params
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["align", "tune"])
+    parser.add_argument("stage", choices=["base", "align", "tune"])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--meta", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)

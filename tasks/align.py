@@ -64,6 +64,12 @@ def align(instructions_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict
     base_dir = out_dir / "base"
     with tracking.stage_run("align", {"align": params["align"], "model": params["model"]}):
         build_base(params, meta_file, base_dir)
+        if params["model"]["preset"] == "tiny" and params["model"].get("base_pretrain", {}).get("max_steps", 0) > 0:
+            # Real presets start from a pretrained InternVL; the tiny preset has nothing to
+            # download, so a short full pretraining on the train split stands in for one.
+            pre = out_dir / "pretrain"
+            tracking.log_training(train_stage("base", params, meta_file, base_dir, pre))
+            base_dir = pre / "model"
         summary = train_stage("align", params, meta_file, base_dir, out_dir)
         tracking.log_training(summary)
     return summary

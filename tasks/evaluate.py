@@ -79,7 +79,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
         io.write_json(out_dir / "metrics.json", flat)
         import mlflow
 
-        mlflow.log_metrics({f"{task}/{k}": float(v) for task, m in flat.items() for k, v in m.items()})
+        tracking.log_task_metrics(flat)
         mlflow.log_artifact(str(out_dir / "answers.jsonl"))
         mlflow.log_artifact(str(out_dir / "breakdown.json"))
     return flat

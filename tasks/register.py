@@ -71,7 +71,7 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, params: dict[str, A
         lineage = {"git_commit": git_commit(), "prefect_flow_run_id": os.environ.get("MEDREGA_FLOW_RUN_ID", ""),
                    "profile": params["profile"], **{f"dvc.{k}": v for k, v in dvc_hashes().items()}}
         mlflow.set_tags(lineage)
-        mlflow.log_metrics({f"{task}/{k}": float(v) for task, m in metrics.items() for k, v in m.items()})
+        tracking.log_task_metrics(metrics)
         example = example_input(example_image) if example_image else None
         signature = infer_signature(
             pd.DataFrame({"image": ["<base64>"], "question": ["q"], "task": ["t2r"]}),

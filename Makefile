@@ -1,0 +1,49 @@
+# Two commands on a fresh machine: `make pipeline` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export PREFECT_HOME ?= $(CURDIR)/.prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+export DS_ACCELERATOR ?= cpu
+export TOKENIZERS_PARALLELISM ?= false
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_OFFLINE ?= 1
+export DO_NOT_TRACK ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+
+.PHONY: install pipeline test test-fast ui lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The whole pipeline on the embedded default (profile tiny). A second run skips every stage.
+pipeline: $(STAMP)
+	$(BIN)/medrega pipeline
+
+# The whole test suite, slow end-to-end tests included.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+# Everything but the end-to-end runs, for quick iteration.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+ui: $(STAMP)
+	@echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000"
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock: $(STAMP)
+	{ echo "# Pinned versions that install together (pip install -c constraints.txt). Regenerate with make lock."; \
+	  $(BIN)/python -m pip freeze --exclude-editable | grep -v '^torch==' ; echo "torch==2.13.0"; } > constraints.txt
+
+clean:
+	rm -rf artifacts .prefect

@@ -1,0 +1,146 @@
+"""Reader for the SA-Med2D-20M layout (the real release and our synthetic stand-in).
+
+    root/images/<modality>_<sub>--<dataset>--<case>--<axis>_<slice:04d>.png
+    root/masks/<image stem>--<class id:04d>_<instance:03d>.png
+    root/SAMed2D_v1.json                   {"images/<img>.png": ["masks/<mask>.png", ...]}
+    root/SAMed2D_v1_class_mapping_id.json  {"<dataset>": {"<label>": <class id>, ...}}
+
+Everything the pipeline needs about provenance is in the file names, so a name that does not
+parse is an error that names the file and the rule, never a silently dropped sample.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+from medrega.sources import Region, Sample
+from medrega.vocab import MODALITIES, canonical
+
+MAPPING_FILE = "SAMed2D_v1.json"
+CLASS_MAPPING_FILE = "SAMed2D_v1_class_mapping_id.json"
+
+IMAGE_RULE = "<modality>_<sub>--<dataset>--<case>--<axis>_<slice:4 digits>.png"
+MASK_RULE = "<image stem>--<class id:4 digits>_<instance:3 digits>.png"
+_IMAGE_RE = re.compile(
+    r"^(?P<modality>[a-z]+)_(?P<sub>[A-Za-z0-9]+)--(?P<dataset>[^/]+?)--(?P<case>[^/]+?)"
+    r"--(?P<axis>[a-z])_(?P<slice>\d{4})\.png$")
+_MASK_RE = re.compile(r"^(?P<stem>.+)--(?P<cls>\d{4})_(?P<inst>\d{3})\.png$")
+# Modality prefixes of the real release that differ from our keys (e.g. "x_ray" style names).
+_MODALITY_ALIASES = {"x": "xray", "xray": "xray", "cxr": "xray", "ultrasound": "us",
+                     "mri": "mr", "histopathology": "pathology", "derm": "dermoscopy"}
+# Cine frames / phases of one patient must share a split: strip the frame suffix from the case.
+_FRAME_SUFFIX = re.compile(r"_(frame|phase)\d+$")
+
+
+def parse_image_name(name: str) -> dict[str, str]:
+    """Split an image file name into modality key, dataset, case, patient, axis and slice."""
+    base = name.rsplit("/", 1)[-1]
+    m = _IMAGE_RE.match(base)
+    if not m:
+        raise ValueError(f"{name}: image name does not follow the SA-Med2D rule {IMAGE_RULE}")
+    modality = _MODALITY_ALIASES.get(m["modality"], m["modality"])
+    if modality not in MODALITIES:
+        raise ValueError(f"{name}: modality prefix {m['modality']!r} is not one of "
+                         f"{sorted(MODALITIES)} (rule {IMAGE_RULE})")
+    return {"modality": modality, "dataset": m["dataset"], "case": m["case"],
+            "patient": _FRAME_SUFFIX.sub("", m["case"]), "axis": m["axis"], "slice": m["slice"]}
+
+
+def parse_mask_name(name: str, image_stem: str) -> tuple[int, int]:
+    """(class id, instance) of a mask file name; it must start with its image's stem."""
+    base = name.rsplit("/", 1)[-1]
+    m = _MASK_RE.match(base)
+    if not m or m["stem"] != image_stem:
+        raise ValueError(f"{name}: mask name does not follow the SA-Med2D rule {MASK_RULE} "
+                         f"for image stem {image_stem!r}")
+    return int(m["cls"]), int(m["inst"])
+
+
+def _class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
+    """dataset -> {class id: label}. The release maps label -> id; accept id -> label as well."""
+    out: dict[str, dict[int, str]] = {}
+    for dataset, table in class_mapping.items():
+        if not isinstance(table, dict):
+            raise ValueError(f"{path}: entry {dataset!r} must map labels to class ids")
+        inv: dict[int, str] = {}
+        for k, v in table.items():
+            if isinstance(v, int):
+                inv[v] = k
+            elif isinstance(v, str) and str(k).isdigit():
+                inv[int(k)] = v
+            else:
+                raise ValueError(f"{path}: {dataset}/{k!r}: expected label -> integer class id")
+        out[dataset] = inv
+    return out
+
+
+def _load_json(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (an SA-Med2D root holds {MAPPING_FILE} and {CLASS_MAPPING_FILE})")
+    with path.open(encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def iter_samples(root: Path) -> Iterator[Sample]:
+    """Yield one `Sample` per image, sorted by image path, with regions sorted by mask path.
+
+    Pixels are not decoded here: width/height come from the PNG header (PIL opens lazily), so
+    this streams over millions of images cheaply.
+    """
+    root = Path(root).resolve()
+    mapping = _load_json(root / MAPPING_FILE)
+    classes = _class_lookup(_load_json(root / CLASS_MAPPING_FILE), root / CLASS_MAPPING_FILE)
+    for rel_image in sorted(mapping):
+        info = parse_image_name(rel_image)
+        stem = rel_image.rsplit("/", 1)[-1][: -len(".png")]
+        table = classes.get(info["dataset"])
+        if table is None:
+            raise ValueError(f"{rel_image}: dataset {info['dataset']!r} has no entry in {CLASS_MAPPING_FILE}")
+        regions = []
+        for rel_mask in sorted(mapping[rel_image]):
+            cls, _ = parse_mask_name(rel_mask, stem)
+            if cls not in table:
+                raise ValueError(f"{rel_mask}: class id {cls:04d} is not in {CLASS_MAPPING_FILE} "
+                                 f"for dataset {info['dataset']!r}")
+            key = canonical(table[cls])
+            if key is None:
+                raise ValueError(f"{rel_mask}: label {table[cls]!r} (class id {cls:04d}, dataset "
+                                 f"{info['dataset']!r}) is not in the vocabulary (medrega.vocab)")
+            regions.append(Region(label=key, mask=root / rel_mask))
+        image = root / rel_image
+        with Image.open(image) as im:  # reads the header only
+            width, height = im.size
+        yield Sample(image=image, rel_image=rel_image, modality=info["modality"],
+                     dataset=info["dataset"], patient=info["patient"], width=width, height=height,
+                     regions=tuple(regions))
+
+
+# 8-connectivity: pixels touching at a corner belong to the same structure.
+_CONNECTIVITY = np.ones((3, 3), dtype=bool)
+
+
+def mask_boxes(mask_path: Path, min_pixels: int = 4) -> list[tuple[int, int, int, int]]:
+    """Pixel boxes (x1, y1, x2, y2), x2/y2 = max + 1, one per connected component of the mask.
+
+    Components smaller than `min_pixels` are annotation specks, not regions, and are dropped.
+    Boxes come back sorted top-to-bottom, left-to-right so records are deterministic.
+    """
+    with Image.open(mask_path) as im:
+        arr = np.asarray(im.convert("L")) > 0
+    labels, n = ndimage.label(arr, structure=_CONNECTIVITY)
+    if n == 0:
+        return []
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    boxes = []
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or sizes[i] < min_pixels:
+            continue
+        ys, xs = sl
+        boxes.append((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)))
+    return sorted(boxes, key=lambda b: (b[1], b[0], b[3], b[2]))

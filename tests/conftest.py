@@ -1,0 +1,61 @@
+"""Shared fixtures: an isolated copy of the repository to run stages, DVC and the flow in."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def small_params(params: dict) -> dict:
+    """The tiny profile cut down so a whole pipeline runs in a couple of minutes."""
+    params["data"].update(patients_per_modality=2, slices_per_patient=1)
+    params["model"]["base_pretrain"].update(max_steps=3, save_steps=2, per_device_batch_size=4)
+    params["align"].update(max_steps=3, save_steps=2, batch_size=4)
+    params["tune"].update(max_steps=4, save_steps=2, per_device_batch_size=2)
+    params["evaluate"].update(max_samples_per_task=4, max_new_tokens=8, batch_size=4)
+    return params
+
+
+def isolated_env(root: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+        PREFECT_HOME=str(root / ".prefect"),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
+        DO_NOT_TRACK="1",
+        DS_ACCELERATOR="cpu",
+        HF_HUB_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONUNBUFFERED="1",
+    )
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("MEDREGA_PROFILE", None)
+    return env
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Path:
+    """A git + DVC workspace holding the project's files and a reduced params.yaml."""
+    root = tmp_path / "ws"
+    files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+                           cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in files:
+        src = REPO / rel
+        if not src.is_file() or rel in ("data.dvc", "dvc.lock") or rel.startswith("tests/"):
+            continue
+        dst = root / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(small_params(params), sort_keys=False, allow_unicode=True))
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    return root

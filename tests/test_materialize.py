@@ -1,0 +1,152 @@
+"""materialize(): JSONL + meta files, patient-disjoint splits, and atomic output."""
+import copy
+import json
+from pathlib import Path
+
+import pytest
+
+import tasks.materialize as mat
+from medrega.config import load_params
+from medrega.records import builders
+from medrega.sources import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def params():
+    p = load_params(REPO / "params.yaml", "tiny")
+    p = copy.deepcopy(p)
+    p["materialize"]["test_share"] = 0.5  # small data: make sure both splits are populated
+    return p
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mat") / "samed2d"
+    synthetic.generate(root, patients_per_modality=2, slices_per_patient=2, image_size=64, seed=0)
+    return root
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory, data_root, params):
+    out = tmp_path_factory.mktemp("out") / "instructions"
+    summary = mat.materialize(data_root, out, params)
+    return out, summary
+
+
+def _lines(path: Path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_files_and_counts(output, params):
+    out, summary = output
+    assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
+    cfg = params["materialize"]
+    for task in cfg["tasks"]:
+        for lang in cfg["langs"]:
+            for split in ("train", "test"):
+                recs = _lines(out / f"{task}_{lang}_{split}.jsonl")
+                assert len(recs) == summary["records"][task][lang][split]
+                assert all(r["task"] == task and r["lang"] == lang and r["split"] == split for r in recs)
+    for lang in cfg["langs"]:
+        for split in ("train", "test"):
+            n = sum(summary["t2r_settings"][lang][split].values())
+            assert n == summary["records"]["t2r"][lang][split]
+
+
+def test_meta_files(output, data_root, params):
+    out, summary = output
+    for meta_name, split in (("meta_file.json", "train"), ("meta_test.json", "test")):
+        meta = json.loads((out / meta_name).read_text(encoding="utf-8"))
+        expected = {f"{t}_{lang}" for t in params["materialize"]["tasks"] for lang in params["materialize"]["langs"]
+                    if summary["records"][t][lang][split] > 0}
+        assert set(meta) == expected and {"r2t_en", "r2t_zh", "t2r_en", "t2r_zh"} <= set(meta)
+        for name, entry in meta.items():
+            task, lang = name.split("_")
+            assert set(entry) == {"root", "annotation", "length", "repeat_time", "data_augment", "base_prompt"}
+            assert entry["root"] == str(data_root)
+            assert entry["annotation"] == str(out / f"{name}_{split}.jsonl")
+            assert entry["length"] == len(_lines(Path(entry["annotation"])))
+            assert entry["repeat_time"] == 1
+            if task in ("r2t", "t2r"):
+                assert entry["data_augment"] is False
+            assert entry["base_prompt"] and ("0 to 999" in entry["base_prompt"] or task == "caption" or lang == "zh")
+
+
+def test_no_patient_in_both_splits(output):
+    out, _ = output
+    seen = {"train": set(), "test": set()}
+    for path in out.glob("*.jsonl"):
+        for r in _lines(path):
+            case = r["image"].split("--")[2]
+            seen[r["split"]].add((r["dataset"], case))
+    assert seen["train"] and seen["test"]
+    assert not seen["train"] & seen["test"]
+
+
+def test_images_resolve_and_ids_unique(output, data_root):
+    out, _ = output
+    ids = []
+    for path in out.glob("*.jsonl"):
+        for r in _lines(path):
+            assert (data_root / r["image"]).is_file()
+            ids.append(r["id"])
+    assert len(ids) == len(set(ids))
+
+
+def test_deterministic(output, data_root, params, tmp_path):
+    out, summary = output
+    again = tmp_path / "again"
+    assert mat.materialize(data_root, again, params) == json.loads(json.dumps(summary))
+    for path in sorted(out.glob("*.jsonl")):
+        assert (again / path.name).read_bytes() == path.read_bytes()
+
+
+def _failing_builder(monkeypatch, after: int):
+    real = builders.build_records
+    calls = {"n": 0}
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > after:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mat.builders, "build_records", flaky)
+
+
+def test_crash_does_not_create_output(data_root, params, tmp_path, monkeypatch):
+    out = tmp_path / "instructions"
+    _failing_builder(monkeypatch, after=5)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        mat.materialize(data_root, out, params)
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []  # temp dir cleaned up too
+
+
+def test_crash_keeps_previous_output(data_root, params, tmp_path, monkeypatch):
+    out = tmp_path / "instructions"
+    mat.materialize(data_root, out, params)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    _failing_builder(monkeypatch, after=5)
+    with pytest.raises(RuntimeError):
+        mat.materialize(data_root, out, params)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["instructions"]
+
+
+def test_rerun_replaces_stale_files(data_root, params, tmp_path):
+    out = tmp_path / "instructions"
+    out.mkdir()
+    (out / "stale.jsonl").write_text("{}\n")
+    mat.materialize(data_root, out, params)
+    assert not (out / "stale.jsonl").exists() and (out / "meta_file.json").is_file()
+
+
+def test_unknown_task_rejected(data_root, params, tmp_path):
+    bad = copy.deepcopy(params)
+    bad["materialize"]["tasks"] = ["caption", "vqa_typo"]
+    with pytest.raises(ValueError, match="vqa_typo"):
+        mat.materialize(data_root, tmp_path / "o", bad)
+    assert not (tmp_path / "o").exists()
