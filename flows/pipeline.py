@@ -165,7 +165,7 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
     pushed = dvc_push() if push else "not pushed (--no-push)"
     report = final_report(params, results, pushed)
     create_markdown_artifact(key="medrega-pipeline", markdown=report, description="Where the results are")
-    logger.info("\n%s", report)
+    logger.info("pipeline finished; summary in the 'medrega-pipeline' artifact")
     print(report)
     return results
 

@@ -7,6 +7,7 @@ task, language, modality, setting), `metrics.json` (headline figures, read by
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from model.infer import Generator, Query
 SCORERS = {"t2r": score_t2r, "r2t": score_r2t}
 
 
-def test_items(meta_test: Path, tasks: list[str], max_per_task: int) -> list[dict[str, Any]]:
+def test_items(meta_test: Path, tasks: list[str], max_per_task: int, seed: int = 0) -> list[dict[str, Any]]:
     """The first `max_per_task` records of each task, taken evenly across its datasets."""
     per_dataset: dict[str, list] = {}
     for record, entry in iter_records(meta_test, tasks):
@@ -31,6 +32,8 @@ def test_items(meta_test: Path, tasks: list[str], max_per_task: int) -> list[dic
         budget = max_per_task if max_per_task > 0 else sum(len(g) for g in groups)
         quota = -(-budget // max(1, len(groups)))  # ceil: an even share per dataset
         for rows in groups:
+            # a seeded shuffle, so a capped test set spans every modality, not the first one
+            rows = random.Random(seed).sample(rows, len(rows))
             for record, entry in rows[:quota]:
                 items.append({
                     "id": record["id"], "image": str(Path(entry["root"]) / record["image"]),
@@ -62,7 +65,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
     cfg = params["evaluate"]
     out_dir = Path(out_dir)
     tasks = [t for t in params["materialize"]["tasks"] if t in SCORERS]
-    items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"])
+    items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"], params["seed"])
     with tracking.stage_run("evaluate", {"evaluate": cfg}):
         generator = Generator.from_pretrained(model_dir)
         predictions = generator.generate(

@@ -95,7 +95,7 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, params: dict[str, A
             client.set_model_version_tag(cfg["model_name"], version, key, str(value))
         for task, m in metrics.items():
             for key, value in m.items():
-                client.set_model_version_tag(cfg["model_name"], version, f"metric.{task}.{key}", str(value))
+                client.set_model_version_tag(cfg["model_name"], version, tracking.metric_name(f"metric.{task}.{key}"), str(value))
         result = {"model_name": cfg["model_name"], "version": version, "alias": cfg["alias"],
                   "uri": f"models:/{cfg['model_name']}@{cfg['alias']}", "run_id": run.info.run_id,
                   "tracking_uri": tracking.tracking_uri()}
