@@ -22,6 +22,14 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLFLOW_DIR / 'mlflow.db').resolve()}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a SQLite store live beside its database (else MLflow uses ./mlruns);
+    a tracking server decides for itself."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
+    return None
+
+
 def setup() -> str:
     """Point MLflow at the store and make sure the experiment exists; returns its id."""
     import mlflow
@@ -34,9 +42,7 @@ def setup() -> str:
     if existing is not None:
         experiment_id = existing.experiment_id
     else:
-        # A local store gets an explicit artifact location, or artifacts land in ./mlruns.
-        location = None if uri.startswith("http") else (MLFLOW_DIR / "artifacts").resolve().as_uri()
-        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=location)
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 

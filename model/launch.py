@@ -78,17 +78,20 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
     """A batch script: one task per node, each running torchrun for that node's GPUs."""
     nodes = int(launcher.get("nnodes", 1))
     gpus = int(launcher.get("nproc_per_node", 1))
+    cpu_only = launcher.get("backend", "nccl") == "gloo"
+    # a CPU job needs one core per rank; a GPU job some data-loader cores per GPU
+    cpus = launcher.get("cpus_per_task") or (gpus if cpu_only else 8 * gpus)
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={launcher.get('job_name', 'medrega-tune')}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
-        f"#SBATCH --cpus-per-task={launcher.get('cpus_per_task', max(1, gpus * 4))}",
+        f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --output={log_file}",
         f"#SBATCH --time={launcher.get('time', '48:00:00')}",
     ]
-    if launcher.get("gpus_per_node", gpus) and launcher.get("backend", "nccl") == "nccl":
-        lines.append(f"#SBATCH --gpus-per-node={launcher.get('gpus_per_node', gpus)}")
+    if not cpu_only:
+        lines.append(f"#SBATCH --gpus-per-node={gpus}")
     for key in ("partition", "account", "qos"):
         if launcher.get(key):
             lines.append(f"#SBATCH --{key}={launcher[key]}")
@@ -99,7 +102,7 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
         f"export MASTER_PORT={launcher.get('port', 29500)}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
     ]
-    if launcher.get("backend") == "gloo":
+    if cpu_only:
         lines.append("export DS_ACCELERATOR=cpu")
     torchrun = [
         shlex.quote(launcher.get("python", sys.executable)), "-m", "torch.distributed.run",

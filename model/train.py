@@ -100,6 +100,11 @@ def prepare_checkpoint_dir(ckpt_dir: Path, print_id: str, is_main: bool) -> str 
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(print_id)
+        # A kill during a save leaves a checkpoint without its trainer state (written last):
+        # resuming from it would crash, so it goes and the one before it is used.
+        for partial in ckpt_dir.glob("checkpoint-*"):
+            if not (partial / "trainer_state.json").exists():
+                shutil.rmtree(partial)
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
@@ -147,6 +152,7 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     """
     cfg = params["model"]["base_pretrain"] if stage == "base" else params[stage]
     processor = MedRegAProcessor.from_pretrained(base_dir)
+    processor.config.max_length = params["model"]["max_length"]  # params win over the saved value
     if stage == "base":
         tasks = cfg["tasks"]
     elif stage == "align":
@@ -191,6 +197,9 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
         "resumed_from": Path(last).name if last else None,
         "train_samples": len(dataset),
         "too_long": len(dataset.too_long),
+        "world_size": args.world_size,
+        # what actually ran, read back from the engine rather than from params
+        "zero_stage": trainer.deepspeed.zero_optimization_stage() if trainer.deepspeed is not None else None,
         "global_step": result.global_step,
         "train_loss": result.training_loss,
         **{k: v for k, v in result.metrics.items() if isinstance(v, (int, float))},

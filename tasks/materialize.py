@@ -80,6 +80,11 @@ def materialize(data_root: Path, out_dir: Path, params: dict) -> dict:
         leaked = patients["train"] & patients["test"]
         if leaked:
             raise RuntimeError(f"patients in both splits: {sorted(leaked)[:5]}")
+        empty = [s for s in SPLITS if not patients[s]]
+        if empty:
+            # Too few patients for the hash split to fill both sides: say so before training.
+            raise ValueError(f"{data_root}: split(s) {empty} got no patient out of "
+                             f"{sum(len(p) for p in patients.values())}; raise materialize.test_share or add patients")
 
         metas = {}
         for s, meta_name in (("train", "meta_file.json"), ("test", "meta_test.json")):

@@ -17,6 +17,7 @@ BIN = Path(sys.executable).parent
 def small_params(params: dict) -> dict:
     """The tiny profile cut down so a whole pipeline runs in a couple of minutes."""
     params["data"].update(patients_per_modality=2, slices_per_patient=1)
+    params["materialize"].update(test_share=0.5)  # 16 patients: both splits non-empty
     params["model"]["base_pretrain"].update(max_steps=3, save_steps=2, per_device_batch_size=4)
     params["align"].update(max_steps=3, save_steps=2, batch_size=4)
     params["tune"].update(max_steps=4, save_steps=2, per_device_batch_size=2)
@@ -59,3 +60,25 @@ def workspace(tmp_path: Path) -> Path:
     (root / "params.yaml").write_text(yaml.safe_dump(small_params(params), sort_keys=False, allow_unicode=True))
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def stage_inputs(tmp_path_factory) -> dict:
+    """Materialized instructions and an aligned tiny model, built once for the training tests."""
+    from medrega.sources.synthetic import generate
+    from tasks.align import align
+    from tasks.materialize import materialize
+
+    root = tmp_path_factory.mktemp("stages")
+    params = small_params(yaml.safe_load((REPO / "params.yaml").read_text()))
+    params["profile"] = "tiny"
+    params.pop("profiles", None)
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
+    d = params["data"]
+    generate(root / "data", d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
+    materialize(root / "data", root / "instructions", params)
+    align(root / "instructions", root / "align", params)
+    return {"root": root, "params": params, "params_file": params_file,
+            "instructions": root / "instructions", "aligned": root / "align"}

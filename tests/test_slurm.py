@@ -1,0 +1,74 @@
+"""The Slurm launcher against a real one-node cluster on loopback (scripts/slurm-local.sh)."""
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from medrega.config import load_params
+from model.launch import LaunchFailed, run_slurm, sbatch_script, worker_args
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_cluster_profile_sbatch_matches_the_papers_layout():
+    launcher = load_params(REPO / "params.yaml", "h800-cluster")["tune"]["launcher"]
+    args = worker_args("tune", Path("params.yaml"), Path("m.json"), Path("base"), Path("out"))
+    script = sbatch_script(launcher, args, Path("/work"), Path("/work/tune.log"))
+    lines = script.splitlines()
+    assert "#SBATCH --nodes=4" in lines and "#SBATCH --ntasks-per-node=1" in lines
+    assert "#SBATCH --gpus-per-node=4" in lines
+    srun = next(line for line in lines if line.startswith("srun "))
+    assert "--nnodes=4" in srun and "--nproc-per-node=4" in srun
+    assert "--rdzv-backend=c10d" in srun and '--rdzv-endpoint="$head_node:$MASTER_PORT"' in srun
+    assert srun.endswith("-m model.train tune --params params.yaml --meta m.json --base base --out out")
+    assert "DS_ACCELERATOR=cpu" not in script  # GPUs: DeepSpeed picks CUDA itself
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    state = tmp_path_factory.mktemp("slurm")
+    start = subprocess.run(["bash", str(REPO / "scripts/slurm-local.sh"), "start", str(state)],
+                           capture_output=True, text=True, timeout=300)
+    assert start.returncode == 0, f"could not start the local Slurm cluster:\n{start.stderr[-3000:]}"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
+    yield state
+    subprocess.run(["bash", str(REPO / "scripts/slurm-local.sh"), "stop", str(state)], timeout=60)
+    if old is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = old
+
+
+@pytest.mark.slow
+def test_tiny_tune_runs_through_slurm(slurm_cluster, stage_inputs, tmp_path, monkeypatch):
+    from tasks.tune import tune
+
+    params = copy.deepcopy(stage_inputs["params"])
+    params["tune"]["launcher"] = {"kind": "slurm", "nnodes": 1, "nproc_per_node": 2, "backend": "gloo",
+                                  "job_name": "medrega-test", "time": "00:20:00"}
+    params_file = tmp_path / "params.yaml"
+    import yaml
+
+    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
+    monkeypatch.chdir(tmp_path)
+    summary = tune(stage_inputs["instructions"], stage_inputs["aligned"], tmp_path / "tune", params, params_file=params_file)
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    assert (tmp_path / "tune" / "model" / "model.safetensors").exists()
+    script = (tmp_path / "tune" / "train.sbatch").read_text()
+    assert "srun" in script and "DS_ACCELERATOR=cpu" in script
+
+
+@pytest.mark.slow
+def test_failed_job_fails_the_task_with_the_jobs_error(slurm_cluster, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    launcher = {"kind": "slurm", "nnodes": 1, "nproc_per_node": 1, "backend": "gloo", "time": "00:05:00"}
+    with pytest.raises(LaunchFailed) as err:
+        run_slurm(launcher, ["-m", "model.train", "tune", "--meta", "missing.json", "--base", "nowhere", "--out", "o"],
+                  tmp_path / "job.log", poll_s=0.5, on_line=lambda line: None)
+    assert "FAILED" in str(err.value)
+    assert "nowhere" in str(err.value) or "missing.json" in str(err.value) or "Error" in str(err.value)

@@ -1,0 +1,142 @@
+"""Training stages for real: projector-only alignment, LoRA under DeepSpeed ZeRO-3 on two
+CPU ranks (torchrun, gloo), merging, resume after kill -9, and bad data failing loudly."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from model.launch import worker_args, worker_env
+from model.presets import build_model
+from model.tokenizer import train_tokenizer
+from model.train import apply_lora, freeze_for_stage
+
+pytestmark = pytest.mark.slow
+
+
+def tiny_model():
+    tok = train_tokenizer(["liver <ref>x</ref><box>[[1, 2, 3, 4]]</box>"] * 4, 400, 1)
+    cfg = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())["model"]
+    return build_model(cfg, tok)
+
+
+def trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("stage,mode,prefixes", [
+    ("align", "projector", ("model.multi_modal_projector.",)),
+    ("tune", "full", ("model.language_model.", "lm_head.")),
+])
+def test_freezing_leaves_only_the_stage_trainable(stage, mode, prefixes):
+    model = tiny_model()
+    freeze_for_stage(model, stage, mode)
+    names = trainable(model)
+    assert names and all(n.startswith(prefixes) for n in names)
+    assert not any("vision_tower" in n for n in names)
+
+
+def test_lora_touches_only_the_language_model():
+    model = tiny_model()
+    freeze_for_stage(model, "tune", "lora")
+    peft_model = apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    names = trainable(peft_model)
+    assert names and all("lora_" in n for n in names)
+    assert all("language_model" in n for n in names), [n for n in names if "language_model" not in n]
+    assert any("down_proj" in n for n in names) and not any("k_proj" in n for n in names)
+
+
+def test_align_trains_the_projector_and_nothing_else(stage_inputs):
+    aligned = stage_inputs["aligned"]
+    start = load_file(str(aligned / "pretrain" / "model" / "model.safetensors"))
+    end = load_file(str(aligned / "model" / "model.safetensors"))
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert changed and all("multi_modal_projector" in k for k in changed), changed
+    summary = json.loads((aligned / "train_summary.json").read_text())
+    assert summary["stage"] == "align" and summary["global_step"] == stage_inputs["params"]["align"]["max_steps"]
+
+
+def run_tune(stage_inputs, out: Path, params: dict | None = None):
+    from tasks.tune import tune
+
+    params = params or stage_inputs["params"]
+    params_file = out.parent / f"{out.name}-params.yaml"
+    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
+    return tune(stage_inputs["instructions"], stage_inputs["aligned"], out, params, params_file=params_file)
+
+
+def test_lora_zero3_two_ranks_then_merge_matches_adapter(stage_inputs, tmp_path):
+    out = tmp_path / "tune"
+    summary = run_tune(stage_inputs, out)
+    assert summary["global_step"] == stage_inputs["params"]["tune"]["max_steps"]
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    assert "--nproc-per-node=2" in (out / "train.log").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+
+    # the merged model loads with plain from_pretrained and answers like base + adapter
+    from peft import PeftModel
+    from transformers import InternVLForConditionalGeneration
+
+    from model.infer import Generator, Query
+
+    data_root = stage_inputs["root"] / "data"
+    image = sorted((data_root / "images").glob("*.png"))[0]
+    queries = [Query(image, "<image>\nWhere is the <ref>liver</ref>?", None),
+               Query(image, "<image>\n这是什么结构？<box>[[100, 100, 400, 400]]</box>", None)]
+    merged = Generator.from_pretrained(out / "model")
+    base = InternVLForConditionalGeneration.from_pretrained(str(stage_inputs["aligned"] / "model"))
+    adapted = Generator(PeftModel.from_pretrained(base, str(out / "adapter")), merged.processor)
+    assert merged.generate(queries, max_new_tokens=12) == adapted.generate(queries, max_new_tokens=12)
+
+
+def last_loss(summary: dict) -> tuple[int, float]:
+    entries = [h for h in summary["log_history"] if "loss" in h]
+    return entries[-1]["step"], entries[-1]["loss"]
+
+
+def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inputs, tmp_path):
+    params = copy.deepcopy(stage_inputs["params"])
+    params["tune"].update(max_steps=6, save_steps=2, logging_steps=1)
+    reference = run_tune(stage_inputs, tmp_path / "ref", params)
+
+    # start the same run, kill -9 the whole torchrun group once a checkpoint exists
+    out = tmp_path / "killed"
+    params_file = tmp_path / "killed-params.yaml"
+    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
+    args = worker_args("tune", params_file, stage_inputs["instructions"] / "meta_file.json",
+                       stage_inputs["aligned"] / "model", out)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
+                            env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()
+
+    resumed = run_tune(stage_inputs, out, params)
+    assert resumed["resumed_from"] in ("checkpoint-4", "checkpoint-6")  # 6 only if its save finished first
+    step_ref, loss_ref = last_loss(reference)
+    step, loss = last_loss(resumed)
+    assert step == step_ref == 6
+    assert abs(loss - loss_ref) <= 1e-4 * abs(loss_ref), (loss, loss_ref)
+
+
+def test_records_longer_than_max_length_fail_loudly(stage_inputs, tmp_path):
+    from model.data import DataError
+
+    params = copy.deepcopy(stage_inputs["params"])
+    params["model"]["max_length"] = 40  # shorter than any prompt with its image tokens
+    with pytest.raises(DataError, match="exceed max_length 40"):
+        run_tune(stage_inputs, tmp_path / "tune", params)
