@@ -29,6 +29,17 @@ def _params(params: Path, profile: Optional[str]) -> dict:
     return load_params(params, profile)
 
 
+def _tracked(stage: str, fn, *args, **kwargs):
+    """For stages that do not log to MLflow themselves: one nested run holding their summary."""
+    from medrega import tracking
+
+    p = args[-1]
+    with tracking.stage_run(stage, {stage: p.get(stage, {})}):
+        result = fn(*args, **kwargs)
+        tracking.log_json(result, f"{stage}_summary.json")
+    return result
+
+
 def _run(fn, *args, **kwargs):
     """Run a stage; bad input ends with a clear message and exit code 3, not a traceback."""
     from model.data import DataError
@@ -37,7 +48,8 @@ def _run(fn, *args, **kwargs):
     try:
         result = fn(*args, **kwargs)
     except (ValidationFailed, DataError, ConfigError, ValueError, FileNotFoundError) as err:
-        console.print(f"[bold red]{fn.__module__}.{fn.__name__} failed:[/] {err}")
+        name = args[0] if fn is _tracked else f"{fn.__module__}.{fn.__name__}"
+        console.print(f"[bold red]{name} failed:[/] {err}")
         raise typer.Exit(BAD_INPUT) from err
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False, default=str))
     return result
@@ -46,11 +58,12 @@ def _run(fn, *args, **kwargs):
 @app.command()
 def generate(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
              out: Optional[Path] = typer.Option(None, help="Dataset root (default: data.root).")):
-    """Write the embedded default raw data: synthetic scans in the SA-Med2D-20M layout."""
-    from medrega.sources.synthetic import generate as gen
+    """Write the embedded default raw data: synthetic scans in the SA-Med2D-20M layout, the real
+    package scans (data.package_scans) and the bilingual reports file."""
+    from medrega.sources.embedded import build_default
 
     p = _params(params, profile)["data"]
-    _run(gen, out or Path(p["root"]), p["patients_per_modality"], p["slices_per_patient"], p["image_size"], p["seed"])
+    _run(build_default, out or Path(p["root"]), p)
 
 
 @app.command()
@@ -60,7 +73,7 @@ def validate(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     from tasks.validate import validate as run
 
     p = _params(params, profile)
-    _run(run, data or Path(p["data"]["root"]), out or Path(p["validate"]["out"]), p)
+    _run(_tracked, "validate", run, data or Path(p["data"]["root"]), out or Path(p["validate"]["out"]), p)
 
 
 @app.command()
@@ -70,7 +83,7 @@ def materialize(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     from tasks.materialize import materialize as run
 
     p = _params(params, profile)
-    _run(run, data or Path(p["data"]["root"]), out or Path(p["materialize"]["out"]), p)
+    _run(_tracked, "materialize", run, data or Path(p["data"]["root"]), out or Path(p["materialize"]["out"]), p)
 
 
 @app.command()
@@ -128,6 +141,13 @@ def pipeline(profile: Optional[str] = ProfileOpt,
     except PipelineFailed as err:
         console.print(f"[bold red]pipeline failed:[/] {err}")
         raise typer.Exit(err.exit_code) from err
+
+
+import medrega.commands.registry  # noqa: E402,F401  (promote, rollback, serve, predict)
+
+import medrega.commands.evaluation  # noqa: E402,F401  (score)
+
+import medrega.commands.ops  # noqa: E402,F401  (status, remote s3)
 
 
 if __name__ == "__main__":

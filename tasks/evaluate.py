@@ -1,8 +1,9 @@
-"""Evaluate: generate answers on the held-out split, then score them (SPEC §6).
+"""Evaluate: generate answers on the held-out split of every task, then score them (SPEC §6).
 
 Writes `answers.jsonl` (one line per sample: question, prediction, ground truth, image size,
 task, language, modality, setting), `metrics.json` (headline figures, read by
-`dvc metrics show`) and `breakdown.json` (every figure by language, modality and setting).
+`dvc metrics show`), `breakdown.json` (every figure by language, modality and setting) and
+`report.html` (tables, IoU distribution, name confusions, a gallery of drawn boxes).
 """
 from __future__ import annotations
 
@@ -12,13 +13,12 @@ from pathlib import Path
 from typing import Any
 
 from medrega import io, tracking
-from medrega.metrics.region import score_t2r
-from medrega.metrics.text import score_r2t
+from medrega.metrics import html
+from medrega.metrics.report import find_wordnet
+from medrega.metrics.scoring import TASKS, Scorer, headline, score_samples, summarise
 from medrega.vocab import names_match, names_match_lenient
 from model.data import iter_records
 from model.infer import Generator, Query
-
-SCORERS = {"t2r": score_t2r, "r2t": score_r2t}
 
 
 def test_items(meta_test: Path, tasks: list[str], max_per_task: int, seed: int = 0) -> list[dict[str, Any]]:
@@ -40,31 +40,25 @@ def test_items(meta_test: Path, tasks: list[str], max_per_task: int, seed: int =
                     "question": record["conversations"][0]["value"], "base_prompt": entry.get("base_prompt"),
                     "ground_truth": record["conversations"][1]["value"],
                     "width": record["width"], "height": record["height"],
-                    **{k: record.get(k) for k in ("task", "lang", "modality", "setting")},
+                    **{k: record.get(k) for k in ("task", "lang", "modality", "setting", "answer_type")},
                 })
     return items
 
 
-def score(items: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
+def scorer(cfg: dict[str, Any]) -> Scorer:
     match = names_match_lenient if cfg.get("name_match") == "lenient" else names_match
-    out: dict[str, Any] = {}
-    for task in ("t2r", "r2t"):
-        rows = [i for i in items if i["task"] == task]
-        if not rows:
-            continue
-        out[task] = score_t2r(rows, match, cfg["iou_threshold"]) if task == "t2r" else score_r2t(rows)
-    return out
+    return Scorer(match, cfg["iou_threshold"], find_wordnet(cfg.get("wordnet_dir")))
 
 
-def headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The scalar figures of each task (breakdowns go to breakdown.json)."""
-    return {task: {k: v for k, v in m.items() if isinstance(v, (int, float))} for task, m in metrics.items()}
+def score(items: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
+    s = scorer(cfg)
+    return summarise(score_samples(items, scorer=s), s)
 
 
 def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     cfg = params["evaluate"]
     out_dir = Path(out_dir)
-    tasks = [t for t in params["materialize"]["tasks"] if t in SCORERS]
+    tasks = [t for t in params["materialize"]["tasks"] if t in TASKS]
     items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"], params["seed"])
     with tracking.stage_run("evaluate", {"evaluate": cfg}):
         generator = Generator.from_pretrained(model_dir)
@@ -74,15 +68,18 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
         )
         for item, prediction in zip(items, predictions):
             item["prediction"] = prediction
-        metrics = score(items, cfg)
+            del item["base_prompt"]
+        s = scorer(cfg)
+        samples = score_samples(items, scorer=s)
+        metrics = summarise(samples, s)
         flat = headline(metrics)
-        io.write_text(out_dir / "answers.jsonl",
-                      "".join(json.dumps({k: v for k, v in i.items() if k != "base_prompt"}, ensure_ascii=False) + "\n" for i in items))
+        io.write_text(out_dir / "answers.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
         io.write_json(out_dir / "breakdown.json", metrics)
         io.write_json(out_dir / "metrics.json", flat)
+        io.write_text(out_dir / "report.html", html.render(metrics, items, samples, gallery=cfg.get("gallery", 12)))
         import mlflow
 
         tracking.log_task_metrics(flat)
-        mlflow.log_artifact(str(out_dir / "answers.jsonl"))
-        mlflow.log_artifact(str(out_dir / "breakdown.json"))
+        for name in ("answers.jsonl", "breakdown.json", "report.html"):
+            mlflow.log_artifact(str(out_dir / name))
     return flat

@@ -1,7 +1,11 @@
 """Register: log the tuned model as an MLflow pyfunc and register a version as `challenger`.
 
-Each version carries its lineage as tags: git commit, the DVC hashes of its data and model
-(from dvc.lock), the Prefect flow run, and the evaluation metrics.
+The logged model stands alone: weights (merged, or base + LoRA adapter per `register.weights`),
+tokenizer with its chat template, processor config, the `model/` package as code (box parser,
+inference), a signature and an input example. Each version carries its lineage as tags: git
+commit, the DVC hashes of the dataset and checkpoint (from dvc.lock), the params, the Prefect
+flow run, and the evaluation metrics (overall and per language: the promotion gate reads them).
+A markdown model card is logged with the model and set as the version's description.
 """
 from __future__ import annotations
 
@@ -51,39 +55,140 @@ def example_input(image_path: Path) -> pd.DataFrame:
     })
 
 
+def flat_metrics(eval_dir: Path) -> dict[str, float]:
+    """`task.figure` and `task.lang.figure` from metrics.json and breakdown.json (when present)."""
+    eval_dir = Path(eval_dir)
+    metrics = json.loads((eval_dir / "metrics.json").read_text())
+    out = {f"{task}.{k}": float(v) for task, m in metrics.items() for k, v in m.items()
+           if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    breakdown = eval_dir / "breakdown.json"
+    if breakdown.exists():
+        for task, m in json.loads(breakdown.read_text()).items():
+            for lang, figures in ((m.get("by") or {}).get("by_lang") or {}).items():
+                out.update({f"{task}.{lang}.{k}": float(v) for k, v in figures.items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    return out
+
+
+def lineage_hashes(params: dict[str, Any], lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+    """The DVC hashes of the dataset and of the tuned checkpoint this model came from."""
+    out = {"dvc.dataset": "", "dvc.checkpoint": ""}
+    if not lock_file.exists():
+        return out
+    stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
+    data_root = str(params["data"]["root"]).rstrip("/")
+    for dep in (stages.get("validate") or {}).get("deps", []):
+        if dep.get("path", "").rstrip("/") == data_root:
+            out["dvc.dataset"] = dep.get("md5", "")
+    for o in (stages.get("tune") or {}).get("outs", []):
+        if o.get("path", "").rstrip("/") == str(params["tune"]["out"]).rstrip("/"):
+            out["dvc.checkpoint"] = o.get("md5", "")
+    return out
+
+
+def signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image"), ColSpec("string", "question"),
+                       ColSpec("string", "task", required=False)]),
+        outputs=Schema([ColSpec("string", "answer"), ColSpec("string", "regions")]),
+        params=ParamSchema([ParamSpec("max_new_tokens", "long", 0)]),
+    )
+
+
+def model_card(params: dict[str, Any], metrics: dict[str, float], lineage: dict[str, str],
+               instructions_dir: Path | None) -> str:
+    """Markdown: data mix, training settings, metrics tables, known limits."""
+    t, m = params["tune"], params["model"]
+    lines = [f"# {params['register']['model_name']}: MedRegA ({params['profile']} profile)", "",
+             "Region-aware bilingual (English/Chinese) medical multimodal LLM. Input: an image and a question;",
+             "output: the answer text and the regions it names, as boxes in pixels of the input image.", "",
+             "## Lineage", ""]
+    lines += [f"- {k}: `{v}`" for k, v in lineage.items() if not k.startswith("dvc.") or k in ("dvc.dataset", "dvc.checkpoint")]
+    lines += ["", "## Data mix (training annotation files)", "", "| dataset | records | repeat_time | augment |", "|---|---|---|---|"]
+    meta = Path(instructions_dir) / "meta_file.json" if instructions_dir else None
+    if meta and meta.exists():
+        for name, entry in json.loads(meta.read_text(encoding="utf-8")).items():
+            lines.append(f"| {name} | {entry.get('length')} | {entry.get('repeat_time')} | {entry.get('data_augment')} |")
+    else:
+        lines.append("| (meta_file.json not available) | | | |")
+    lines += ["", "## Training", "",
+              f"- base: preset `{m['preset']}`{', checkpoint `' + str(m['checkpoint']) + '`' if m.get('checkpoint') else ''}, "
+              f"{m['image_size']} px images, max length {m['max_length']}",
+              f"- stage 1 (align): projector only, {params['align'].get('max_steps')} steps, lr {params['align']['learning_rate']}",
+              f"- stage 2 (tune): mode `{t['mode']}`" + (f" (LoRA r={t['lora']['r']}, alpha={t['lora']['alpha']}, dropout={t['lora']['dropout']})" if t["mode"] == "lora" else "")
+              + f", {t.get('max_steps')} steps, lr {t['learning_rate']} {t['lr_scheduler']}, weight decay {t['weight_decay']}, "
+              f"DeepSpeed ZeRO-{t['deepspeed']['zero_stage']}, {t['launcher']['nnodes']}x{t['launcher']['nproc_per_node']} ranks",
+              f"- weights shipped: `{params['register'].get('weights', 'merged')}`", "",
+              "## Evaluation (held-out patients; precision/recall in the standard sense)", ""]
+    tasks = sorted({k.split(".")[0] for k in metrics})
+    for task in tasks:
+        figures = sorted({k.split(".")[-1] for k in metrics if k.startswith(task + ".")})
+        langs = sorted({k.split(".")[1] for k in metrics if k.startswith(task + ".") and k.count(".") == 2})
+        lines += [f"### {task}", "", "| figure | all | " + " | ".join(langs) + " |", "|---|---|" + "---|" * len(langs)]
+        for fig in figures:
+            cells = [metrics.get(f"{task}.{fig}")] + [metrics.get(f"{task}.{lang}.{fig}") for lang in langs]
+            lines.append(f"| {fig} | " + " | ".join("" if c is None else f"{c:.4g}" for c in cells) + " |")
+        lines.append("")
+    lines += ["## Known limits", "",
+              "- The `tiny` profile is a few-million-parameter model trained minutes on synthetic scans: its answers",
+              "  demonstrate the pipeline, not medical ability. Never use any profile's output for diagnosis.",
+              "- Boxes are on a 0-999 grid relative to the original image; small structures lose precision.",
+              "- One 2D image per question (3D scans: a single slice); no multi-turn dialogue.",
+              "- Unparseable answers return no regions (`regions` is `[]`), never a zero box.",
+              "- Grounded-report metrics are absent when the evaluation set had no grounded reports."]
+    return "\n".join(lines) + "\n"
+
+
 def register(model_dir: Path, eval_dir: Path, out_dir: Path, params: dict[str, Any],
-             example_image: Path | None = None) -> dict[str, Any]:
+             example_image: Path | None = None, adapter_dir: Path | None = None,
+             base_dir: Path | None = None, instructions_dir: Path | None = None) -> dict[str, Any]:
     import mlflow
-    from mlflow.models import infer_signature
 
     from model.pyfunc import MedRegAModel
 
     cfg = params["register"]
-    metrics = json.loads((Path(eval_dir) / "metrics.json").read_text())
+    weights = cfg.get("weights", "merged")
+    metrics = flat_metrics(eval_dir)
     out_dir = Path(out_dir)
     prompts = {task: dict(langs) for task, langs in BASE_PROMPTS.items()}
     prompts["_max_new_tokens"] = params["evaluate"]["max_new_tokens"]
     staging = out_dir / "staging"
     staging.mkdir(parents=True, exist_ok=True)
     (staging / "base_prompts.json").write_text(json.dumps(prompts, ensure_ascii=False))
+    (staging / "params.json").write_text(json.dumps(params, ensure_ascii=False, indent=2, default=str))
+    if weights == "adapter":
+        adapter_dir = Path(adapter_dir or Path(params["tune"]["out"]) / "adapter")
+        base_dir = Path(base_dir or Path(params["align"]["out"]) / "model")
+        for path in (adapter_dir, base_dir):
+            if not path.is_dir():
+                raise FileNotFoundError(f"{path}: needed for register.weights=adapter")
+        weight_artifacts = {"base": str(base_dir), "adapter": str(adapter_dir)}
+    elif weights == "merged":
+        weight_artifacts = {"model": str(model_dir)}
+    else:
+        raise ValueError(f"register.weights must be merged or adapter, got {weights!r}")
 
     with tracking.stage_run("register", {"register": cfg}) as run:
         lineage = {"git_commit": git_commit(), "prefect_flow_run_id": os.environ.get("MEDREGA_FLOW_RUN_ID", ""),
-                   "profile": params["profile"], **{f"dvc.{k}": v for k, v in dvc_hashes().items()}}
+                   "profile": params["profile"], "weights": weights, **lineage_hashes(params),
+                   **{f"dvc.{k}": v for k, v in dvc_hashes().items()}}
         mlflow.set_tags(lineage)
-        tracking.log_task_metrics(metrics)
-        example = example_input(example_image) if example_image else None
-        signature = infer_signature(
-            pd.DataFrame({"image": ["<base64>"], "question": ["q"], "task": ["t2r"]}),
-            pd.DataFrame({"answer": ["a"], "regions": ["[]"]}),
-        )
+        mlflow.log_params(tracking.flatten({k: v for k, v in params.items() if k not in ("register", "profiles")}))
+        mlflow.log_metrics({tracking.metric_name(k.replace(".", "/")): v for k, v in metrics.items()})
+        card = model_card(params, metrics, lineage, instructions_dir or Path(params["materialize"]["out"]))
+        (staging / "model_card.md").write_text(card, encoding="utf-8")
+        mlflow.log_text(card, "model_card.md")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=MedRegAModel(),
-            artifacts={"model": str(model_dir), "base_prompts": str(staging / "base_prompts.json")},
+            artifacts={**weight_artifacts, "base_prompts": str(staging / "base_prompts.json"),
+                       "params": str(staging / "params.json"), "model_card": str(staging / "model_card.md")},
             code_paths=[str(MODEL_DIR)],
-            signature=signature,
-            input_example=example,
+            signature=signature(),
+            input_example=example_input(example_image) if example_image else None,
             pip_requirements=[f"torch=={_version('torch')}", f"transformers=={_version('transformers')}",
                               f"peft=={_version('peft')}", "pillow", "pandas", f"mlflow=={_version('mlflow')}"],
             registered_model_name=cfg["model_name"],
@@ -91,14 +196,14 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, params: dict[str, A
         client = mlflow.MlflowClient()
         version = str(info.registered_model_version)
         client.set_registered_model_alias(cfg["model_name"], cfg["alias"], version)
-        for key, value in lineage.items():
+        client.update_model_version(cfg["model_name"], version, description=card)
+        tags = {**lineage, "params.tune.mode": params["tune"]["mode"], "params.model.preset": params["model"]["preset"],
+                **{tracking.metric_name(f"metric.{k}"): str(v) for k, v in metrics.items()}}
+        for key, value in tags.items():
             client.set_model_version_tag(cfg["model_name"], version, key, str(value))
-        for task, m in metrics.items():
-            for key, value in m.items():
-                client.set_model_version_tag(cfg["model_name"], version, tracking.metric_name(f"metric.{task}.{key}"), str(value))
         result = {"model_name": cfg["model_name"], "version": version, "alias": cfg["alias"],
                   "uri": f"models:/{cfg['model_name']}@{cfg['alias']}", "run_id": run.info.run_id,
-                  "tracking_uri": tracking.tracking_uri()}
+                  "weights": weights, "tracking_uri": tracking.tracking_uri()}
     io.write_json(out_dir / "registered.json", result)
     return result
 

@@ -78,7 +78,7 @@ print(json.dumps({{'version': mv.version, 'cols': list(out.columns), 'regions': 
     loaded = run([sys.executable, "-c", probe], ws)
     assert loaded.returncode == 0, loaded.stderr[-3000:]
     info = json.loads(loaded.stdout.strip().splitlines()[-1])
-    assert info["version"] == reg["version"]
+    assert str(info["version"]) == str(reg["version"])
     assert info["cols"] == ["answer", "regions"]
     assert isinstance(json.loads(info["regions"]), list)
     assert info["tags"]["git_commit"] and any(k.startswith("dvc.") for k in info["tags"])

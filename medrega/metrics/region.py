@@ -88,7 +88,8 @@ def score_sample(
             hits["region"] += reg
             hits["align"] += obj and reg
             total_iou += v
-            out["matches"].append({"pred": int(i), "gt": int(j), "iou": v, "name": obj})
+            out["matches"].append({"pred": int(i), "gt": int(j), "iou": v, "name": obj,
+                                   "pred_name": pred[i][0], "gt_name": gt[j][0]})
         out["best_iou"] = max(mt["iou"] for mt in out["matches"])
     for kind, h in hits.items():
         p, r, f = _prf(h, n, m)
@@ -98,7 +99,8 @@ def score_sample(
     return out
 
 
-def _aggregate(samples: list[dict]) -> dict:
+def aggregate(samples: list[dict]) -> dict:
+    """Macro averages of `score_item` samples, with parse failures and Acc@0.25/0.5/0.75."""
     n = len(samples)
     out = {"n": n, "parse_failures": sum(s["parse_failure"] for s in samples)}
     for key in SAMPLE_KEYS:
@@ -107,6 +109,23 @@ def _aggregate(samples: list[dict]) -> dict:
     for t in ACC_THRESHOLDS:
         out[f"acc@{t}"] = sum(s["best_iou"] >= t for s in samples) / n if n else 0.0
     return out
+
+
+def score_item(item: dict, name_match: Callable[[str, str], bool] = names_match,
+               threshold: float = 0.5, idx: int = 0) -> dict:
+    """Algorithm 1 on one answer line (T2R, or the boxes of a grounded report)."""
+    if not (item.get("width") and item.get("height")):
+        raise ValueError(f"item {idx}: width and height are required")
+    truth = parse_regions(item.get("ground_truth"))
+    if not truth.ok:
+        raise ValueError(f"item {idx}: ground truth has no well-formed box: {item.get('ground_truth')!r}")
+    answer = parse_regions(item.get("prediction"))
+    # Not ok: counted as a failure; the readable boxes (if any) are still scored, and
+    # unreadable ones count as predictions. No readable box at all means N valid = 0.
+    s = score_sample(answer.regions, truth.regions, name_match, threshold, answer.n_invalid)
+    s["parse_failure"] = not answer.ok
+    s["groups"] = {k: item.get(k) for k in ("lang", "modality", "setting")}
+    return s
 
 
 def score_t2r(
@@ -123,22 +142,8 @@ def score_t2r(
     union scale by W*H/999^2), so decoding would only add rounding. width/height are
     still required so a broken item is caught here rather than in a later decode.
     """
-    samples = []
-    for idx, item in enumerate(items):
-        if not (item.get("width") and item.get("height")):
-            raise ValueError(f"item {idx}: width and height are required")
-        truth = parse_regions(item.get("ground_truth"))
-        if not truth.ok:
-            raise ValueError(f"item {idx}: ground truth has no well-formed box: {item.get('ground_truth')!r}")
-        answer = parse_regions(item.get("prediction"))
-        # Not ok: counted as a failure; the readable boxes (if any) are still scored, and
-        # unreadable ones count as predictions. No readable box at all means N valid = 0.
-        s = score_sample(answer.regions, truth.regions, name_match, threshold, answer.n_invalid)
-        s["parse_failure"] = not answer.ok
-        s["groups"] = {k: item.get(k) for k in ("lang", "modality", "setting")}
-        samples.append(s)
-
-    result = _aggregate(samples)
+    samples = [score_item(item, name_match, threshold, idx) for idx, item in enumerate(items)]
+    result = aggregate(samples)
     result["threshold"] = threshold
     result["precision_recall_note"] = PRECISION_RECALL_NOTE
     result["by"] = {}
@@ -147,7 +152,7 @@ def score_t2r(
         for s in samples:
             if s["groups"][key] is not None:
                 groups[s["groups"][key]].append(s)
-        result["by"][f"by_{key}"] = {v: _aggregate(g) for v, g in sorted(groups.items())}
+        result["by"][f"by_{key}"] = {v: aggregate(g) for v, g in sorted(groups.items())}
     return result
 
 

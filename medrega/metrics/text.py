@@ -71,7 +71,7 @@ def score_text(prediction: str, reference: str, lang: str | None = None) -> dict
 METRIC_KEYS = ("bleu1", "token_f1", "token_recall", "accuracy", "name_accuracy")
 
 
-def _aggregate(samples: list[dict]) -> dict:
+def aggregate(samples: list[dict]) -> dict:
     n = len(samples)
     out = {"n": n}
     for key in METRIC_KEYS:
@@ -88,12 +88,12 @@ def score_r2t(items: Iterable[dict]) -> dict:
         s = score_text(item.get("prediction"), reference, lang)
         s["groups"] = {"lang": lang, "modality": item.get("modality")}
         samples.append(s)
-    result = _aggregate(samples)
+    result = aggregate(samples)
     result["by"] = {}
     for key in ("lang", "modality"):
         groups = defaultdict(list)
         for s in samples:
             if s["groups"][key] is not None:
                 groups[s["groups"][key]].append(s)
-        result["by"][f"by_{key}"] = {v: _aggregate(g) for v, g in sorted(groups.items())}
+        result["by"][f"by_{key}"] = {v: aggregate(g) for v, g in sorted(groups.items())}
     return result

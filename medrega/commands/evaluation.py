@@ -1,0 +1,47 @@
+"""`medrega score`: score any answers file offline, ours or the authors' released format."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from medrega.cli import BAD_INPUT, app, console
+
+
+@app.command()
+def score(
+    answers: Path = typer.Argument(..., help="Answers JSONL: one line per sample."),
+    task: Optional[str] = typer.Option(None, help="t2r|r2t|grounded|vqa|report|caption|cls; "
+                                                  "required when lines carry no task."),
+    format: str = typer.Option("native", "--format", help="native, or medrega: the released "
+                                                          'evaluator\'s {"answer", "gt", "hw": [H, W]} lines.'),
+    out: Path = typer.Option(Path("metrics.json"), help="Where to write the metrics (JSON)."),
+    threshold: float = typer.Option(0.5, help="IoU at which a region counts as detected (inclusive)."),
+    name_match: str = typer.Option("strict", help="strict, or lenient: the released substring rule."),
+    wordnet: Optional[Path] = typer.Option(None, help="Local WordNet directory for METEOR "
+                                                      "(default: $MEDREGA_WORDNET, then nltk_data on disk)."),
+):
+    """Score an answers file (no model, no network) and write metrics.json."""
+    import json
+
+    from medrega import io
+    from medrega.metrics.region import read_answers
+    from medrega.metrics.report import find_wordnet
+    from medrega.metrics.scoring import TASKS, score_answers
+    from medrega.vocab import names_match, names_match_lenient
+
+    try:
+        if task is not None and task not in TASKS:
+            raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
+        if name_match not in ("strict", "lenient"):
+            raise ValueError(f"--name-match must be strict or lenient, not {name_match!r}")
+        items = read_answers(answers, format)
+        match = names_match_lenient if name_match == "lenient" else names_match
+        result = score_answers(items, task, match, threshold, find_wordnet(wordnet))
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
+        console.print(f"[bold red]score failed:[/] {err}")
+        raise typer.Exit(BAD_INPUT) from err
+    io.write_json(out, result)
+    typer.echo(json.dumps({t: {k: v for k, v in m.items() if k != "by"} for t, m in result.items()},
+                          indent=2, ensure_ascii=False))

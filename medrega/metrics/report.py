@@ -1,0 +1,110 @@
+"""Report-generation metrics (SPEC §6, paper Table 1): BLEU-1, BLEU-4, ROUGE-1, ROUGE-L, METEOR.
+
+Tokens come from `medrega.metrics.text.tokens`: English words, and for Chinese one token
+per character (Latin runs such as "CT" kept whole). Character units are the usual choice for
+Chinese BLEU/ROUGE: they need no segmenter dictionary, so scores do not shift with one.
+rouge-score's own tokenizer keeps only [a-z0-9] and would score every Chinese text as empty;
+it is replaced here. SPEC §8: the authors' release swapped Chinese ROUGE-1 and ROUGE-L; both
+are reported, each under its own name (ROUGE-1: unigram overlap, ROUGE-L: longest common
+subsequence), F-measure in both cases.
+
+METEOR needs WordNet (synonym stage). nltk would download it; we never do. WordNet is read
+from a local folder in nltk's `corpora/wordnet` layout (WordNet 3.0 database files plus
+`lexnames`; Debian's `wordnet-base` lacks `lexnames`, so it does not qualify) or from an
+nltk_data folder already on disk; without one, METEOR is reported as not computed.
+Per-sample sentence scores, macro-averaged.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from rouge_score import rouge_scorer
+from sacrebleu.metrics import BLEU
+
+from medrega.metrics.text import detect_lang, tokens
+
+WORDNET_ENV = "MEDREGA_WORDNET"
+WORDNET_DIRS: tuple[Path, ...] = ()  # folders searched after the explicit ones
+METEOR_UNAVAILABLE = "not computed (WordNet data unavailable)"
+
+# sacrebleu's 'zh' tokenizer splits CJK characters, like `tokens`; effective_order keeps a
+# short sentence with no 4-gram match from scoring exactly 0 when lower orders match.
+_BLEU = {
+    (order, lang): BLEU(max_ngram_order=order, tokenize="zh" if lang == "zh" else "13a",
+                        lowercase=True, effective_order=True)
+    for order in (1, 4) for lang in ("en", "zh")
+}
+
+
+class _Tokenizer:
+    """rouge-score calls `tokenize(text)`; the language is fixed per scorer."""
+
+    def __init__(self, lang: str):
+        self.lang = lang
+
+    def tokenize(self, text: str) -> list[str]:
+        return tokens(text, self.lang)
+
+
+_ROUGE = {lang: rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=_Tokenizer(lang)) for lang in ("en", "zh")}
+
+
+def find_wordnet(path: str | Path | None = None):
+    """A WordNet reader from local files only, or None. Order: `path`, $MEDREGA_WORDNET,
+    then nltk_data folders already on disk (nltk.data.find never downloads)."""
+    import nltk
+    from nltk.corpus.reader.wordnet import WordNetCorpusReader
+
+    for candidate in (path, os.environ.get(WORDNET_ENV), *WORDNET_DIRS):
+        if candidate and all((Path(candidate) / f).is_file() for f in ("data.noun", "lexnames")):
+            root = str(Path(candidate).resolve())
+            # nltk >= 3.10 reads corpora only under nltk.data.path: authorise this folder.
+            if root not in nltk.data.path:
+                nltk.data.path.append(root)
+            try:
+                return WordNetCorpusReader(root, None)
+            except (OSError, LookupError, ValueError):
+                # an incomplete folder (e.g. no WordNet 3.0 version header): METEOR not computed
+                return None
+    try:
+        nltk.data.find("corpora/wordnet")
+    except LookupError:
+        return None
+    from nltk.corpus import wordnet
+
+    return wordnet
+
+
+def bleu(prediction: str, reference: str, lang: str, order: int) -> float:
+    if not (prediction or "").strip() or not (reference or "").strip():
+        return 0.0
+    return _BLEU[order, "zh" if lang == "zh" else "en"].sentence_score(prediction, [reference]).score / 100.0
+
+
+def rouge(prediction: str, reference: str, lang: str) -> dict[str, float]:
+    scores = _ROUGE["zh" if lang == "zh" else "en"].score(reference or "", prediction or "")
+    return {"rouge1": scores["rouge1"].fmeasure, "rougeL": scores["rougeL"].fmeasure}
+
+
+def meteor(prediction: str, reference: str, lang: str, wordnet) -> float:
+    from nltk.translate.meteor_score import single_meteor_score
+
+    hyp, ref = tokens(prediction, lang), tokens(reference, lang)
+    if not hyp or not ref:
+        return 0.0
+    return float(single_meteor_score(ref, hyp, wordnet=wordnet))
+
+
+TEXT_KEYS = ("bleu1", "bleu4", "rouge1", "rougeL", "meteor")
+
+
+def score_report(prediction, reference: str, lang: str | None = None, wordnet=None) -> dict[str, float]:
+    """Every text figure for one generated text; METEOR only when a WordNet reader is given."""
+    lang = lang or detect_lang(reference)
+    prediction = prediction if isinstance(prediction, str) else ""
+    out = {"bleu1": bleu(prediction, reference, lang, 1), "bleu4": bleu(prediction, reference, lang, 4),
+           **rouge(prediction, reference, lang)}
+    if wordnet is not None:
+        out["meteor"] = meteor(prediction, reference, lang, wordnet)
+    return out

@@ -1,0 +1,142 @@
+"""Score an answers file of any task mix (SPEC §6): one entry point for the evaluate stage
+and `medrega score`.
+
+Tasks: t2r (Algorithm 1), r2t, grounded (Algorithm 1 on the boxes + report text metrics on
+the descriptions), report and caption (text metrics), vqa (closed accuracy, open recall),
+cls (macro F1). Every task's figures are also given by language, modality and setting.
+Metrics that need model weights (BERTScore, CheXbert, RadGraph) are not computed unless a
+plug-in is given a local model; the result then says so instead of leaving them out.
+"""
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from typing import Any, Callable, Iterable
+
+from medrega.metrics import answers, region, report, text
+from medrega.vocab import names_match
+from model.boxes import parse_regions
+
+TASKS = ("t2r", "r2t", "grounded", "report", "caption", "vqa", "cls")
+GROUP_KEYS = ("lang", "modality", "setting")
+MODEL_METRICS = ("bertscore", "chexbert", "radgraph")
+NOT_COMPUTED = "not computed (needs model weights: no local model path given)"
+
+_TAGS = re.compile(r"<ref>.*?</ref>|<box>.*?</box>", re.DOTALL)
+
+
+def _description(answer: str) -> str:
+    """The text of a grounded report: after the last box, or the whole answer without its
+    tags when the boxes cannot be read (the words are still scored)."""
+    parsed = parse_regions(answer)
+    if parsed.text is not None:
+        return parsed.text
+    return _TAGS.sub(" ", answer if isinstance(answer, str) else "").strip(" :：,，\n")
+
+
+def _lang(item: dict) -> str:
+    return item.get("lang") or text.detect_lang(item.get("ground_truth") or "")
+
+
+class Scorer:
+    """Per-sample scoring and macro aggregation for each task, with fixed options."""
+
+    def __init__(self, name_match: Callable[[str, str], bool] = names_match, threshold: float = 0.5, wordnet=None):
+        self.name_match, self.threshold, self.wordnet = name_match, threshold, wordnet
+
+    def sample(self, task: str, item: dict, idx: int) -> dict:
+        if task == "t2r":
+            return region.score_item(item, self.name_match, self.threshold, idx)
+        if task == "r2t":
+            return text.score_text(item.get("prediction"), item.get("ground_truth") or "", _lang(item))
+        if task == "grounded":
+            s = region.score_item(item, self.name_match, self.threshold, idx)
+            s.update(report.score_report(_description(item.get("prediction")), _description(item["ground_truth"]),
+                                         _lang(item), self.wordnet))
+            return s
+        if task in ("report", "caption"):
+            return report.score_report(item.get("prediction"), item.get("ground_truth") or "", _lang(item), self.wordnet)
+        if task == "vqa":
+            return answers.score_vqa_sample(item)
+        if task == "cls":
+            return answers.score_cls_sample(item)
+        raise ValueError(f"item {idx}: unknown task {task!r} (known: {', '.join(TASKS)})")
+
+    def _text_means(self, samples: list[dict]) -> dict:
+        n = len(samples)
+        out = {k: sum(s[k] for s in samples) / n if n else 0.0 for k in report.TEXT_KEYS if k != "meteor"}
+        out["meteor"] = (sum(s["meteor"] for s in samples) / n if n else 0.0) if self.wordnet is not None \
+            else report.METEOR_UNAVAILABLE
+        return out
+
+    def aggregate(self, task: str, samples: list[dict]) -> dict:
+        if task == "t2r":
+            return region.aggregate(samples)
+        if task == "r2t":
+            return text.aggregate(samples)
+        if task == "grounded":
+            return {**region.aggregate(samples), **self._text_means(samples)}
+        if task in ("report", "caption"):
+            return {"n": len(samples), **self._text_means(samples)}
+        if task == "vqa":
+            return answers.aggregate_vqa(samples)
+        return answers.aggregate_cls(samples)
+
+
+def score_samples(items: Iterable[dict], task: str | None = None, scorer: Scorer | None = None) -> list[dict]:
+    """Per-sample figures, each with its `task`, `index` in `items` and `groups`.
+
+    `task` forces one task: lines without a task take it, lines of another task are skipped
+    (so `--task t2r` on a full answers file scores its T2R lines). Without it every line
+    must name its task.
+    """
+    scorer = scorer or Scorer()
+    out = []
+    for idx, item in enumerate(items):
+        own = item.get("task")
+        if task is not None and own not in (None, task):
+            continue
+        kind = own or task
+        if kind is None:
+            raise ValueError(f"item {idx}: no task on the line; pass --task ({', '.join(TASKS)})")
+        s = scorer.sample(kind, item, idx)
+        s.update(task=kind, index=idx, groups={k: item.get(k) for k in GROUP_KEYS})
+        out.append(s)
+    return out
+
+
+def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any] | None = None) -> dict:
+    """`{task: {headline figures..., "by": {"by_lang": {...}, ...}}}` plus the model metrics."""
+    by_task: dict[str, list[dict]] = defaultdict(list)
+    for s in samples:
+        by_task[s["task"]].append(s)
+    result: dict[str, Any] = {}
+    for task in sorted(by_task, key=TASKS.index):
+        rows = by_task[task]
+        entry = scorer.aggregate(task, rows)
+        if task in ("t2r", "grounded"):
+            entry.update(threshold=scorer.threshold, precision_recall_note=region.PRECISION_RECALL_NOTE)
+        entry["by"] = {}
+        for key in GROUP_KEYS:
+            groups: dict[str, list[dict]] = defaultdict(list)
+            for s in rows:
+                if s["groups"][key] is not None:
+                    groups[str(s["groups"][key])].append(s)
+            if groups:
+                entry["by"][f"by_{key}"] = {v: scorer.aggregate(task, g) for v, g in sorted(groups.items())}
+        result[task] = entry
+    given = model_metrics or {}
+    result["model_metrics"] = {m: given.get(m, NOT_COMPUTED) for m in MODEL_METRICS}
+    return result
+
+
+def score_answers(items: list[dict], task: str | None = None, name_match: Callable[[str, str], bool] = names_match,
+                  threshold: float = 0.5, wordnet=None) -> dict:
+    scorer = Scorer(name_match, threshold, wordnet)
+    return summarise(score_samples(items, task, scorer), scorer)
+
+
+def headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The scalar figures of each task, for metrics.json and MLflow (breakdowns go elsewhere)."""
+    return {task: {k: v for k, v in m.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            for task, m in metrics.items() if task in TASKS}

@@ -1,0 +1,343 @@
+"""Model registry: promotion rules, input checks, and the whole story against real servers.
+
+The integration test starts a real `mlflow server` (SQLite backend, artifacts proxied to an S3
+bucket on moto's ThreadedMotoServer), registers tiny models built here, promotes, refuses,
+overrides and rolls back, then serves the champion with `mlflow models serve` over HTTP.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from medrega.registry import compare, version_metrics
+from model.pyfunc import BadInput, decode_image
+
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+GATES = ["t2r.region_f1", "t2r.en.region_f1", "r2t.accuracy", "grounded.align_accuracy"]
+
+
+# -- the promotion rule ----------------------------------------------------------------------
+
+def test_first_version_becomes_champion():
+    decision = compare({"t2r.region_f1": 0.1}, None, GATES, 0.01)
+    assert decision.promote and "first version" in decision.reason
+
+
+def test_promotes_within_tolerance_and_ignores_unmeasured():
+    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
+    new = {"t2r.region_f1": 0.295, "t2r.en.region_f1": 0.40, "r2t.accuracy": 0.6}
+    decision = compare(new, old, GATES, 0.01)
+    assert decision.promote, decision.reason
+    status = {r.metric: r.status for r in decision.rows}
+    assert status == {"t2r.region_f1": "ok", "t2r.en.region_f1": "ok", "r2t.accuracy": "ok",
+                      "grounded.align_accuracy": "not measured"}
+
+
+def test_refuses_any_regressed_or_missing_gate():
+    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
+    new = {"t2r.region_f1": 0.50, "t2r.en.region_f1": 0.20}
+    decision = compare(new, old, GATES, 0.01)
+    assert not decision.promote
+    assert decision.regressed == ["t2r.en.region_f1", "r2t.accuracy"]
+
+
+def test_version_metrics_reads_tags():
+    tags = {"metric.t2r.region_f1": "0.25", "metric.t2r.n": "40", "git_commit": "abc", "metric.bad": "x"}
+    assert version_metrics(tags) == {"t2r.region_f1": 0.25, "t2r.n": 40.0}
+
+
+# -- input checks of the served model ---------------------------------------------------------
+
+def _png(width: int = 32, height: int = 32) -> str:
+    buffer = io.BytesIO()
+    Image.new("L", (width, height)).save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+@pytest.mark.parametrize("value, words", [
+    ("", "missing"),
+    (None, "missing"),
+    ("not base64 at all!", "base64"),
+    (base64.b64encode(b"just some text, not an image").decode(), "not a readable image"),
+    (_png(8000, 6000), "more than"),  # a 48 Mpx header in a few kB: refused before decoding
+])
+def test_bad_images_are_invalid_parameter_errors(value, words):
+    with pytest.raises(BadInput) as info:
+        decode_image(value)
+    assert words in info.value.message
+    assert info.value.get_http_status_code() == 400
+
+
+def test_good_image_decodes_also_as_data_url():
+    assert decode_image("data:image/png;base64," + _png(20, 10)).size == (20, 10)
+
+
+def test_dicom_is_read_without_identifiers(tmp_path):
+    from pydicom.data import get_testdata_file
+
+    from medrega.scans import read_scan
+
+    path = Path(get_testdata_file("CT_small.dcm", download=False))
+    image = read_scan(path)
+    assert image.mode == "RGB" and image.size == (128, 128)
+    assert np.asarray(image).std() > 0
+
+
+# -- real servers ---------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{url}: process exited {proc.returncode}:\n{_tail(log)}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError, OSError):
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not ready after {timeout}s:\n{_tail(log)}")
+
+
+def _tail(log: Path) -> str:
+    return "\n".join(line for line in log.read_text().splitlines() if "Downloading" not in line)[-3000:]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, 15)  # the server forks workers: stop its whole process group
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, 9)
+            proc.wait()
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")
+    try:
+        yield env
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def mlflow_server(s3, tmp_path, monkeypatch):
+    port = free_port()
+    log = tmp_path / "mlflow-server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'registry.db'}",
+           "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]
+    with log.open("w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=dict(os.environ),
+                                start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc, 120, log)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        yield uri
+    finally:
+        stop(proc)
+
+
+def tiny_model(root: Path) -> tuple[Path, Path, Path, dict]:
+    """A random tiny InternVL saved as a merged checkpoint, and as base + LoRA adapter."""
+    from peft import LoraConfig, get_peft_model
+
+    from medrega.config import load_params
+    from model.presets import build_model, num_image_tokens
+    from model.processor import MedRegAProcessor, ProcessorConfig
+    from model.tokenizer import train_tokenizer
+
+    params = load_params(REPO / "params.yaml")
+    cfg = params["model"]
+    cfg.update(vision_layers=1, text_layers=1, text_intermediate_size=128, max_length=256)
+    texts = ["Where is the <ref>liver</ref>? <ref>liver</ref><box>[[1, 2, 3, 4]]</box> 0123456789"] * 20
+    tok = train_tokenizer(texts, 400, 1)
+    processor = MedRegAProcessor(tok, ProcessorConfig(image_size=cfg["image_size"], num_image_tokens=num_image_tokens(cfg),
+                                                       max_length=cfg["max_length"]))
+    model = build_model(cfg, tok)
+    merged, base, adapter = root / "merged", root / "base", root / "adapter"
+    for out in (merged, base):
+        model.save_pretrained(str(out))
+        processor.save_pretrained(out)
+    lora = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    lora.save_pretrained(str(adapter))
+    processor.save_pretrained(adapter)
+    return merged, base, adapter, params
+
+
+def eval_dir(root: Path, name: str, region_f1: float, accuracy: float) -> Path:
+    out = root / name
+    out.mkdir()
+    (out / "metrics.json").write_text(json.dumps({"t2r": {"region_f1": region_f1, "acc@0.5": 0.1, "n": 4},
+                                                  "r2t": {"accuracy": accuracy, "n": 4}}))
+    (out / "breakdown.json").write_text(json.dumps({
+        "t2r": {"by": {"by_lang": {"en": {"region_f1": region_f1}, "zh": {"region_f1": region_f1}}}},
+        "r2t": {"by": {"by_lang": {"en": {"accuracy": accuracy}, "zh": {"accuracy": accuracy}}}}}))
+    return out
+
+
+def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
+               DO_NOT_TRACK="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", HF_HUB_OFFLINE="1")
+    return subprocess.run([str(BIN / "medrega"), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.slow
+def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatch):
+    import mlflow
+    import pandas as pd
+
+    from medrega import registry
+    from tasks.register import register
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    merged, base, adapter, params = tiny_model(tmp_path)
+    params["register"]["gate"] = {"tolerance": 0.01, "metrics": GATES}
+    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
+        "validate": {"deps": [{"path": params["data"]["root"], "md5": "datahash.dir"}]},
+        "tune": {"outs": [{"path": params["tune"]["out"], "md5": "ckpthash.dir"}]}}}))
+    scan = tmp_path / "scan.png"
+    Image.fromarray((np.random.default_rng(0).random((64, 48)) * 255).astype(np.uint8)).save(scan)
+    monkeypatch.setenv("MEDREGA_FLOW_RUN_ID", "flow-run-1")
+
+    # registration: v1 good, v2 worse on a gate, v3 (base + adapter) as good as v1
+    v1 = register(merged, eval_dir(tmp_path, "e1", 0.30, 0.50), tmp_path / "r1", params, example_image=scan)
+    v2 = register(merged, eval_dir(tmp_path, "e2", 0.10, 0.50), tmp_path / "r2", params, example_image=scan)
+    client = mlflow.MlflowClient()
+    mv = client.get_model_version("medrega", v1["version"])
+    assert mv.tags["dvc.dataset"] == "datahash.dir" and mv.tags["dvc.checkpoint"] == "ckpthash.dir"
+    assert mv.tags["prefect_flow_run_id"] == "flow-run-1" and "git_commit" in mv.tags
+    assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["metric.t2r.acc_at_0.5"] == "0.1"
+    assert "## Known limits" in mv.description and "| region_f1 |" in mv.description
+    assert client.get_run(mv.run_id).data.params["tune.mode"] == params["tune"]["mode"]
+    assert client.get_model_version_by_alias("medrega", "challenger").version == v2["version"]
+
+    # promotion through the CLI and the Prefect flow: no champion yet, so the challenger (v2) wins
+    first = cli("promote", cwd=work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert client.get_model_version_by_alias("medrega", "champion").version == v2["version"]
+    # v1 against champion v2: better, promoted; its figures are tags on the version
+    up = registry.promote(client, "medrega", GATES, 0.01, version=v1["version"])
+    assert up["decision"] == "promoted" and up["previous_champion"] == v2["version"]
+    tags = client.get_model_version("medrega", v1["version"]).tags
+    assert tags["promotion.t2r.region_f1.champion"] == "0.1" and tags["promotion.t2r.region_f1.challenger"] == "0.3"
+    # v2 against champion v1: refused, champion unchanged, the refusal recorded
+    down = registry.promote(client, "medrega", GATES, 0.01, version=v2["version"])
+    assert down["decision"] == "refused" and "t2r.region_f1" in down["reason"]
+    assert client.get_model_version_by_alias("medrega", "champion").version == v1["version"]
+    assert client.get_model_version("medrega", v2["version"]).tags["promotion.t2r.region_f1.status"] == "regressed"
+    # override needs a reason, which is recorded
+    with pytest.raises(registry.PromotionError):
+        registry.promote(client, "medrega", GATES, 0.01, version=v2["version"], override_reason=" ")
+    forced = registry.promote(client, "medrega", GATES, 0.01, version=v2["version"], override_reason="hotfix for parser")
+    assert forced["decision"] == "override"
+    assert client.get_model_version("medrega", v2["version"]).tags["promotion.override_reason"] == "hotfix for parser"
+    # rolling back is one command
+    back = cli("rollback", "--reason", "bad override", cwd=work)
+    assert back.returncode == 0, back.stderr[-3000:]
+    assert client.get_model_version_by_alias("medrega", "champion").version == v1["version"]
+
+    # a user loads the champion without this repo's training code and asks it a question
+    model = mlflow.pyfunc.load_model("models:/medrega@champion")
+    image = base64.b64encode(scan.read_bytes()).decode()
+    out = model.predict(pd.DataFrame({"image": [image], "question": ["Where is the <ref>liver</ref>?"], "task": ["t2r"]}))
+    assert list(out.columns) == ["answer", "regions"] and isinstance(json.loads(out["regions"][0]), list)
+
+    # base + adapter layout loads and answers too
+    params["register"]["weights"] = "adapter"
+    v3 = register(merged, eval_dir(tmp_path, "e3", 0.30, 0.50), tmp_path / "r3", params,
+                  adapter_dir=adapter, base_dir=base)
+    assert v3["weights"] == "adapter"
+    answer = mlflow.pyfunc.load_model(f"models:/medrega/{v3['version']}").predict(
+        pd.DataFrame({"image": [image], "question": ["What is this?"]}))
+    assert isinstance(answer["answer"][0], str)
+
+    # `medrega predict` on a DICOM file: answer printed, overlay written, no identifier printed
+    from pydicom import dcmread
+    from pydicom.data import get_testdata_file
+
+    dicom = get_testdata_file("CT_small.dcm", download=False)
+    overlay = work / "overlay.png"
+    pred = cli("predict", "--image", dicom, "--question", "Where is the <ref>liver</ref>?", "--out", str(overlay), cwd=work)
+    assert pred.returncode == 0, pred.stderr[-3000:]
+    assert Image.open(overlay).size == (256, 256)
+    name = str(dcmread(dicom).PatientName)
+    assert name and name not in pred.stdout + pred.stderr
+
+    # serving over HTTP: answers good requests, 400 with a message for bad ones, never crashes
+    port = free_port()
+    log = tmp_path / "serve.log"
+    with log.open("w") as fh:
+        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/medrega@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"))
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", server, 180, log)
+
+        def post(records) -> tuple[int, dict]:
+            body = json.dumps({"dataframe_records": records}).encode()
+            request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=120) as response:
+                    return response.status, json.loads(response.read())
+            except urllib.error.HTTPError as err:
+                return err.code, json.loads(err.read() or b"{}")
+
+        status, body = post([{"image": image, "question": "Where is the <ref>liver</ref>?", "task": "t2r"}])
+        assert status == 200, body
+        assert set(body["predictions"][0]) == {"answer", "regions"}
+        for record, words in [
+            ({"image": base64.b64encode(b"%PDF-1.4").decode(), "question": "q"}, "not a readable image"),
+            ({"image": _png(9000, 9000), "question": "q"}, "more than"),
+            ({"image": image, "question": ""}, "question"),
+            ({"question": "q"}, "image"),
+        ]:
+            status, body = post([record])
+            assert status == 400, (record.keys(), status, body)
+            assert words in body.get("message", ""), body
+        assert server.poll() is None  # still up after the bad requests
+        status, _ = post([{"image": image, "question": "Where?"}])
+        assert status == 200
+    finally:
+        stop(server)
