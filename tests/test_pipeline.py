@@ -89,9 +89,10 @@ print(json.dumps({{'version': mv.version, 'cols': list(out.columns), 'regions': 
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert set(stage_lines(second.stdout).values()) == {"up to date (skipped)"}
 
-    # one evaluate knob changed: evaluate and register re-run, the rest are skipped
+    # one evaluate knob changed: evaluate re-runs, and register (whose input, the metrics,
+    # changes with the test set) after it; everything upstream is skipped
     params = yaml.safe_load((ws / "params.yaml").read_text())
-    params["evaluate"]["max_new_tokens"] += 1
+    params["evaluate"]["max_samples_per_task"] -= 1
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     third = medrega(ws, "pipeline")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]

@@ -124,3 +124,23 @@ def add_package_scans(root: Path, key=None, min_pixels: int = 10) -> dict:
     summary = write_slices(Path(root), slices)
     log.info("added %d package-scan images to the embedded dataset", summary["images"])
     return summary
+
+
+def build_default(root: Path, data_params: dict) -> dict:
+    """The embedded default raw data in one call: the synthetic SA-Med2D-layout scans, then
+    (when `data.package_scans` is true, the default) the real package scans merged in, then the
+    bilingual reports file over every image.
+
+    The CLI's `generate` and the flow's raw-data task both call this, so the two can never
+    produce different datasets from the same params. Returns the generator's summary plus
+    `package_scans` (add_package_scans' summary, or None when switched off) and `reports`.
+    """
+    from medrega.sources.reports import write_reports
+    from medrega.sources.synthetic import generate
+
+    d = data_params
+    summary = generate(Path(root), d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
+    summary["package_scans"] = add_package_scans(Path(root)) if d.get("package_scans", True) else None
+    # Reports last: they describe every image in the root, the package scans included.
+    summary["reports"] = write_reports(Path(root), seed=d["seed"])
+    return summary

@@ -1,0 +1,305 @@
+"""Question templates and base prompts for the report-based tasks, English and Chinese (SPEC §3):
+grounded report generation, VQA (closed yes/no and open), report generation and classification.
+
+Placeholders: `{objects}` (one or more `<ref>name</ref>`, grounded), `{object}` (a plain
+structure name, closed VQA), `{position}` (a place on the image such as "top left", open VQA),
+`{category}` and `{labels}` (the class family and the listed labels, classification) and
+`{modality}` (optional anywhere). Each template of a kind uses that kind's placeholders exactly
+once (the tests check it), so the builder can pick any of them. The VQA answer instruction of
+SPEC §3 is appended to every VQA question, as LLaVA-Med style data does.
+"""
+from __future__ import annotations
+
+from medrega.records.templates import _BOX_EN, _BOX_ZH
+from medrega.records.templates import BASE_PROMPTS as REGION_BASE_PROMPTS
+
+VQA_ANSWER = {"en": "Answer the question using a single word or phrase.", "zh": "请用词或短语回答问题。"}
+
+TEMPLATES: dict[str, dict[str, list[str]]] = {
+    "grounded": {
+        "en": [
+            "Please locate the region and describe the condition of {objects}.",
+            "Locate {objects} in this {modality} image and describe what you see.",
+            "Find {objects}, give their bounding boxes and describe their condition.",
+            "Where is {objects}? Describe its appearance as well.",
+            "Detect {objects} and write a short finding for it.",
+            "Give the location and a description of {objects}.",
+            "Please box {objects} and report on its condition.",
+            "Identify the region of {objects} and describe any abnormality.",
+            "Show where {objects} is in this scan and describe it.",
+            "Localize {objects} and provide the corresponding findings.",
+            "Write a grounded finding for {objects} in this {modality} image.",
+            "Mark {objects} with bounding boxes and describe the findings.",
+            "Describe the condition of {objects} and point out where it is.",
+            "Provide the bounding box of {objects} followed by a description.",
+            "Report on {objects}: where is it and how does it look?",
+            "Can you locate {objects} and describe its condition?",
+            "Ground {objects} in the image and describe it briefly.",
+            "Output the region of {objects} and a radiological description.",
+            "Find and describe {objects} in this medical image.",
+            "Give a region-grounded description of {objects}.",
+            "Locate {objects} and summarize its appearance in one sentence.",
+            "Point out {objects} in this {modality} image and describe what is found there.",
+        ],
+        "zh": [
+            "请定位并描述这张医学影像中的{objects}。",
+            "请在这张{modality}图像中定位{objects}并描述所见。",
+            "找到{objects}，给出其边界框并描述其情况。",
+            "{objects}在哪里？请同时描述其表现。",
+            "请检测{objects}并写出简短的影像所见。",
+            "请给出{objects}的位置和描述。",
+            "请框出{objects}并报告其情况。",
+            "请确定{objects}的区域并描述有无异常。",
+            "请指出{objects}在影像中的位置并加以描述。",
+            "请定位{objects}并给出相应的影像所见。",
+            "请为这张{modality}图像中的{objects}写一条带定位的所见。",
+            "请用边界框标出{objects}并描述所见。",
+            "请描述{objects}的情况并指出其位置。",
+            "请给出{objects}的边界框，然后进行描述。",
+            "关于{objects}：它在哪里？表现如何？",
+            "你能定位{objects}并描述其情况吗？",
+            "请在图像中定位{objects}并简要描述。",
+            "请输出{objects}的区域及其影像学描述。",
+            "请找到并描述这张医学影像中的{objects}。",
+            "请给出{objects}的区域定位描述。",
+            "请定位{objects}并用一句话概括其表现。",
+            "请指出这张{modality}图像中的{objects}，并描述该处所见。",
+        ],
+    },
+    "vqa_closed": {
+        "en": [
+            "Is there a {object} in this image?",
+            "Does this {modality} image show a {object}?",
+            "Is a {object} visible in this scan?",
+            "Can you see a {object} in this image?",
+            "Is the {object} present in this medical image?",
+            "Does the image contain a {object}?",
+            "Is any {object} seen here?",
+            "Is there evidence of a {object} in this {modality} image?",
+            "Does this scan include a {object}?",
+            "Can a {object} be identified in this picture?",
+            "Is a {object} depicted in this image?",
+            "Do you see a {object} on this image?",
+            "Is a {object} shown on this {modality} study?",
+            "Is there any {object} in the image?",
+            "Does this medical image show any {object}?",
+            "Is a {object} found in this scan?",
+            "Would you say a {object} appears in this image?",
+            "Is the {object} visualized in this image?",
+            "Does a {object} appear on this {modality} image?",
+            "Can the {object} be seen in this scan?",
+            "Is there a visible {object} here?",
+        ],
+        "zh": [
+            "这张图像中有{object}吗？",
+            "这张{modality}图像显示了{object}吗？",
+            "这次扫描中能看到{object}吗？",
+            "你能在这张图像中看到{object}吗？",
+            "这张医学影像中存在{object}吗？",
+            "图像中包含{object}吗？",
+            "这里能看到任何{object}吗？",
+            "这张{modality}图像中有{object}的表现吗？",
+            "这次扫描包括{object}吗？",
+            "这张图中能识别出{object}吗？",
+            "这张图像描绘了{object}吗？",
+            "你在这张图像上看到{object}了吗？",
+            "这次{modality}检查显示了{object}吗？",
+            "图像中是否有{object}？",
+            "这张医学影像是否显示了{object}？",
+            "这次扫描中是否发现{object}？",
+            "这张图像中是否出现了{object}？",
+            "{object}在这张图像中显示了吗？",
+            "这张{modality}图像上是否出现{object}？",
+            "这次扫描中能否看到{object}？",
+            "这里是否可见{object}？",
+        ],
+    },
+    "vqa_open": {
+        "en": [
+            "Which organ is shown at the {position}?",
+            "What structure is located at the {position} of this image?",
+            "Which structure can be seen at the {position} of this {modality} image?",
+            "What is at the {position} of this scan?",
+            "Name the structure found at the {position}.",
+            "What lies at the {position} of the image?",
+            "Which structure occupies the {position} of this medical image?",
+            "What anatomical structure appears at the {position}?",
+            "What do you see at the {position} of this {modality} image?",
+            "Identify the structure at the {position} of the image.",
+            "What is shown at the {position} of this picture?",
+            "Which structure is visible at the {position}?",
+            "What is the structure at the {position} called?",
+            "At the {position} of this image, what structure is there?",
+            "What can be found at the {position} of this scan?",
+            "Tell me which structure is at the {position}.",
+            "What occupies the {position} of this {modality} image?",
+            "Which structure is depicted at the {position} of the image?",
+            "What appears at the {position} of this medical scan?",
+            "Which structure sits at the {position} of the picture?",
+            "What is visualized at the {position}?",
+        ],
+        "zh": [
+            "图像{position}显示的是哪个器官？",
+            "这张图像的{position}是什么结构？",
+            "这张{modality}图像的{position}能看到什么结构？",
+            "这次扫描的{position}是什么？",
+            "请说出{position}的结构名称。",
+            "图像{position}是什么？",
+            "这张医学影像的{position}被什么结构占据？",
+            "{position}显示的是什么解剖结构？",
+            "你在这张{modality}图像的{position}看到了什么？",
+            "请识别图像{position}的结构。",
+            "这张图的{position}显示了什么？",
+            "{position}可见的是哪个结构？",
+            "{position}的结构叫什么？",
+            "在这张图像的{position}，有什么结构？",
+            "这次扫描的{position}能找到什么？",
+            "告诉我{position}是什么结构。",
+            "这张{modality}图像的{position}被什么占据？",
+            "图像{position}描绘的是哪个结构？",
+            "这张医学影像的{position}出现了什么？",
+            "图中{position}是哪个结构？",
+            "{position}显示的是什么？",
+        ],
+    },
+    "report": {
+        "en": [
+            "Write a radiology report for this {modality} image.",
+            "Please generate the findings and impression for this image.",
+            "Describe the findings of this medical image and give an impression.",
+            "Generate a report for this scan.",
+            "What are the findings and the impression for this {modality} image?",
+            "Please write the report of this examination.",
+            "Provide a structured report with findings and impression.",
+            "Act as a radiologist and report this image.",
+            "Summarize this image as a report: findings, then impression.",
+            "Write the findings and conclusion of this {modality} study.",
+            "Please interpret this medical image in report form.",
+            "Draft a diagnostic report for this image.",
+            "Give a full report of what this scan shows.",
+            "Report the findings of this {modality} image and conclude.",
+            "Write a concise medical report for this picture.",
+            "Please produce a findings and impression report.",
+            "What would the report of this image say?",
+            "Describe this {modality} examination in a report.",
+            "Generate the diagnostic findings and impression of this scan.",
+            "Interpret this image and write the report.",
+            "Compose a report describing this medical image.",
+        ],
+        "zh": [
+            "请为这张{modality}图像撰写影像报告。",
+            "请生成这张图像的影像诊断和影像结论。",
+            "请描述这张医学影像的所见并给出结论。",
+            "请为这次扫描生成报告。",
+            "这张{modality}图像的所见和结论是什么？",
+            "请写出这次检查的报告。",
+            "请提供包含影像诊断和影像结论的结构化报告。",
+            "请以放射科医生的身份为这张图像出具报告。",
+            "请将这张图像总结为报告：先写所见，再写结论。",
+            "请写出这次{modality}检查的所见和结论。",
+            "请以报告形式解读这张医学影像。",
+            "请为这张图像起草一份诊断报告。",
+            "请完整报告这次扫描显示的内容。",
+            "请报告这张{modality}图像的所见并作出结论。",
+            "请为这张图写一份简洁的医学报告。",
+            "请生成一份包含所见和结论的报告。",
+            "这张图像的报告应该怎么写？",
+            "请用报告描述这次{modality}检查。",
+            "请生成这次扫描的影像诊断和影像结论。",
+            "请解读这张图像并撰写报告。",
+            "请撰写一份描述这张医学影像的报告。",
+        ],
+    },
+    "cls": {
+        "en": [
+            "Classify this image by {category}. Options: {labels}.",
+            "Which {category} does this image belong to? Choose from: {labels}.",
+            "Select the {category} of this image from the following: {labels}.",
+            "What is the {category} of this medical image? Candidates: {labels}.",
+            "From {labels}, which {category} fits this image?",
+            "Pick the correct {category} for this scan: {labels}.",
+            "Assign one {category} to this image. Possible labels: {labels}.",
+            "Determine the {category} shown here. Options are {labels}.",
+            "Choose the {category} of this picture among {labels}.",
+            "Which of these is the {category} of the image: {labels}?",
+            "Categorize this medical image by {category} ({labels}).",
+            "Label the {category} of this image using one of: {labels}.",
+            "What {category} is this? Answer with one of {labels}.",
+            "Identify the {category} of this scan. Labels: {labels}.",
+            "Give the {category} of this image, choosing from {labels}.",
+            "Decide which {category} applies to this image: {labels}.",
+            "Among {labels}, what is this image's {category}?",
+            "Classify the {category} of this medical image into {labels}.",
+            "Which label describes the {category} of this image? {labels}.",
+            "Select one {category} label for the image: {labels}.",
+            "Tell me the {category} of this image. Choices: {labels}.",
+        ],
+        "zh": [
+            "请按{category}对这张图像分类。选项：{labels}。",
+            "这张图像属于哪种{category}？请从以下选择：{labels}。",
+            "请从以下选项中选出这张图像的{category}：{labels}。",
+            "这张医学影像的{category}是什么？候选：{labels}。",
+            "在{labels}中，哪一种{category}符合这张图像？",
+            "请为这次扫描选择正确的{category}：{labels}。",
+            "请为这张图像指定一个{category}。可选标签：{labels}。",
+            "请确定这里显示的{category}。选项为{labels}。",
+            "请在{labels}中选择这张图的{category}。",
+            "以下哪一项是这张图像的{category}：{labels}？",
+            "请按{category}对这张医学影像归类（{labels}）。",
+            "请用以下之一标注这张图像的{category}：{labels}。",
+            "这是什么{category}？请用{labels}之一回答。",
+            "请识别这次扫描的{category}。标签：{labels}。",
+            "请给出这张图像的{category}，从{labels}中选择。",
+            "请判断这张图像适用哪种{category}：{labels}。",
+            "在{labels}之中，这张图像的{category}是什么？",
+            "请将这张医学影像的{category}归入{labels}之一。",
+            "哪个标签描述了这张图像的{category}？{labels}。",
+            "请为该图像选择一个{category}标签：{labels}。",
+            "告诉我这张图像的{category}。选项：{labels}。",
+        ],
+    },
+}
+
+# Each kind's required placeholders (the tests check every template uses each exactly once).
+PLACEHOLDERS = {"grounded": ("{objects}",), "vqa_closed": ("{object}",), "vqa_open": ("{position}",),
+                "report": (), "cls": ("{category}", "{labels}")}
+
+# 3x3 cells of the image (row, column) -> name, for open VQA "what is at the top left?".
+POSITIONS = {
+    "en": [["top left", "top", "top right"], ["left side", "center", "right side"],
+           ["bottom left", "bottom", "bottom right"]],
+    "zh": [["左上方", "上方", "右上方"], ["左侧", "中央", "右侧"], ["左下方", "下方", "右下方"]],
+}
+CATEGORY = {"modality": {"en": "imaging modality", "zh": "成像方式"},
+            "lesion": {"en": "lesion", "zh": "病变"}}
+NO_LESION = {"en": "none", "zh": "无"}
+YES_NO = {"en": ("yes", "no"), "zh": ("是", "否")}
+
+BASE_PROMPTS: dict[str, dict[str, str]] = {
+    # The released Chinese lesion prompt begins as SPEC §3 quotes; English mirrors it.
+    "grounded": {
+        "en": "You are a helpful medical assistant. Your task is to locate and describe the organs "
+              "or lesions named in the question. " + _BOX_EN + " Answer in the form "
+              "<ref>object</ref><box>[[x1, y1, x2, y2]]</box>, followed by a colon and the description.",
+        "zh": "你是一个医疗助手，你的任务是定位并描述病种。病种区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。"
+              "这些值分别对应左上角x、左上角y、右下角x和右下角y。请按<ref>目标</ref><box>[[x1, y1, x2, y2]]</box>：描述 的格式回答。",
+    },
+    "vqa": {
+        "en": "You are a helpful medical assistant. Your task is visual question answering. "
+              "Answer the question about the given medical image. " + VQA_ANSWER["en"],
+        "zh": "你是一个医疗助手，你的任务是视觉问答。请回答关于给定医学影像的问题。" + VQA_ANSWER["zh"],
+    },
+    "report": {
+        "en": "You are a helpful medical assistant. Your task is report generation. Write the report "
+              "of the given medical image in the form \"Findings: ... Impression: ...\".",
+        "zh": "你是一个医疗助手，你的任务是报告生成。请按“影像诊断：… 影像结论：…”的格式撰写给定医学影像的报告。",
+    },
+    "cls": {
+        "en": "You are a helpful medical assistant. Your task is image classification. Answer with "
+              "exactly one of the labels listed in the question.",
+        "zh": "你是一个医疗助手，你的任务是图像分类。请只用问题中列出的一个标签回答。",
+    },
+}
+
+# Every task's base prompt, the region tasks' included: what materialize writes into meta files.
+ALL_BASE_PROMPTS: dict[str, dict[str, str]] = {**REGION_BASE_PROMPTS, **BASE_PROMPTS}
