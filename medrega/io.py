@@ -24,8 +24,8 @@ def write_text(path: Path, text: str) -> None:
         raise
 
 
-def write_json(path: Path, data: Any) -> None:
-    write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=True) + "\n")
+def write_json(path: Path, data: Any, indent: int = 2, default=None) -> None:
+    write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, sort_keys=True, default=default) + "\n")
 
 
 @contextmanager

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -42,6 +41,7 @@ import pandas as pd
 from PIL import Image, ImageFile
 
 from medrega import vocab
+from medrega.io import write_json
 from medrega.sources.samed2d import CLASS_MAPPING_FILE as CLASS_MAP_FILE
 from medrega.sources.samed2d import MAPPING_FILE as INDEX_FILE
 from medrega.sources.samed2d import iter_samples, mask_boxes, parse_image_name, parse_mask_name
@@ -461,19 +461,6 @@ def _reader_failures(data_root: Path) -> list[dict[str, Any]]:
 # Report
 # --------------------------------------------------------------------------------------------
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, ensure_ascii=False, default=_json_default)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _json_default(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
@@ -575,7 +562,7 @@ def validate(data_root: Path, out_dir: Path, params: dict) -> dict:
         "timings_s": {"inspect": round(t_inspect, 3), "total": round(time.perf_counter() - t0, 3)},
     }
     report_path = out_dir / "report.json"
-    _write_json_atomic(report_path, report)
+    write_json(report_path, report, default=_json_default)
     _write_summary_html(out_dir / "summary.html", report)
     if not passed:
         raise ValidationFailed(_failure_message(report_path, data_root, report), report_path, failures)

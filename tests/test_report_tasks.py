@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from medrega.config import load_params
-from medrega.records import builders
 from medrega.records.report_builders import build_report_records
 from medrega.records.report_templates import PLACEHOLDERS, TEMPLATES
 from medrega.sources.embedded import CT_DATASET, MR_DATASET, build_default

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from medrega.sources.layout import write_slices
-from medrega.sources.nifti import load_ras, read_nifti
+from medrega.sources.nifti import read_nifti
 from medrega.sources.samed2d import iter_samples
 from medrega.sources.slices import ScanError, scale_percentile, window_ct
 from tasks.validate import validate

@@ -9,13 +9,13 @@ they are never turned into a [0, 0, 0, 0] box as the released evaluator did.
 from __future__ import annotations
 
 import json
-from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from medrega.metrics import breakdown
 from medrega.vocab import names_match
 from model.boxes import parse_regions
 
@@ -146,13 +146,7 @@ def score_t2r(
     result = aggregate(samples)
     result["threshold"] = threshold
     result["precision_recall_note"] = PRECISION_RECALL_NOTE
-    result["by"] = {}
-    for key in ("lang", "modality", "setting"):
-        groups = defaultdict(list)
-        for s in samples:
-            if s["groups"][key] is not None:
-                groups[s["groups"][key]].append(s)
-        result["by"][f"by_{key}"] = {v: aggregate(g) for v, g in sorted(groups.items())}
+    result["by"] = breakdown(samples, ("lang", "modality", "setting"), aggregate)
     return result
 
 

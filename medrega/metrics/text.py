@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter, defaultdict
+from collections import Counter
 from typing import Iterable
 
 from sacrebleu.metrics import BLEU
 
+from medrega.metrics import breakdown
 from medrega.vocab import names_match
 
 ACCURACY_RECALL = 0.75
@@ -89,11 +90,5 @@ def score_r2t(items: Iterable[dict]) -> dict:
         s["groups"] = {"lang": lang, "modality": item.get("modality")}
         samples.append(s)
     result = aggregate(samples)
-    result["by"] = {}
-    for key in ("lang", "modality"):
-        groups = defaultdict(list)
-        for s in samples:
-            if s["groups"][key] is not None:
-                groups[s["groups"][key]].append(s)
-        result["by"][f"by_{key}"] = {v: aggregate(g) for v, g in sorted(groups.items())}
+    result["by"] = breakdown(samples, ("lang", "modality"), aggregate)
     return result

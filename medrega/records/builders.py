@@ -92,6 +92,20 @@ def _t2r_pick(regions: list[tuple[str, list[Box]]], setting: str, rng: random.Ra
     return sorted(picked, key=lambda r: order[r[0]])  # keep a stable, anatomical order
 
 
+def make_record(sample: Sample, split: str, task: str, lang: str, setting: str | None, index: int,
+                question: str, answer: str, **extra) -> dict:
+    """One InternVL conversation record (SPEC §1) with a stable id and our provenance keys."""
+    rid = _digest(sample.rel_image, task, lang, setting, index)[:16]
+    return {
+        "id": f"{task}-{lang}-{rid}",
+        "image": sample.rel_image, "width": sample.width, "height": sample.height,
+        "conversations": [{"from": "human", "value": "<image>\n" + question},
+                          {"from": "gpt", "value": answer}],
+        "task": task, "lang": lang, "setting": setting,
+        "modality": sample.modality, "dataset": sample.dataset, "split": split, **extra,
+    }
+
+
 def build_records(sample: Sample, regions: list[tuple[str, list[Box]]], split: str,
                   tasks=TASKS, langs=LANGS, settings=SETTINGS, seed: int = 0) -> list[dict]:
     """All records of one sample: caption per language, r2t per structure and language, and
@@ -99,15 +113,7 @@ def build_records(sample: Sample, regions: list[tuple[str, list[Box]]], split: s
     records = []
 
     def add(task, lang, setting, index, question, answer):
-        rid = _digest(sample.rel_image, task, lang, setting, index)[:16]
-        records.append({
-            "id": f"{task}-{lang}-{rid}",
-            "image": sample.rel_image, "width": sample.width, "height": sample.height,
-            "conversations": [{"from": "human", "value": "<image>\n" + question},
-                              {"from": "gpt", "value": answer}],
-            "task": task, "lang": lang, "setting": setting,
-            "modality": sample.modality, "dataset": sample.dataset, "split": split,
-        })
+        records.append(make_record(sample, split, task, lang, setting, index, question, answer))
 
     def rng_for(task, lang, setting, index):
         return random.Random(int(_digest(seed, sample.rel_image, task, lang, setting, index)[:16], 16))

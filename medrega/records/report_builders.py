@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import random
 
-from medrega.records.builders import _digest, _refs
+from medrega.records.builders import _digest, _refs, make_record
 from medrega.records.report_templates import (CATEGORY, NO_LESION, POSITIONS, TEMPLATES, VQA_ANSWER,
                                               YES_NO)
 from medrega.sources import Sample
@@ -55,15 +55,7 @@ def build_report_records(sample: Sample, regions: list[tuple[str, list[Box]]], r
     records: list[dict] = []
 
     def add(task, lang, setting, index, question, answer, **extra):
-        rid = _digest(sample.rel_image, task, lang, setting, index)[:16]
-        records.append({
-            "id": f"{task}-{lang}-{rid}",
-            "image": sample.rel_image, "width": sample.width, "height": sample.height,
-            "conversations": [{"from": "human", "value": "<image>\n" + question},
-                              {"from": "gpt", "value": answer}],
-            "task": task, "lang": lang, "setting": setting,
-            "modality": sample.modality, "dataset": sample.dataset, "split": split, **extra,
-        })
+        records.append(make_record(sample, split, task, lang, setting, index, question, answer, **extra))
 
     def rng_for(*key):
         return random.Random(int(_digest(seed, sample.rel_image, *key)[:16], 16))

@@ -10,7 +10,7 @@ SPEC §3 is appended to every VQA question, as LLaVA-Med style data does.
 """
 from __future__ import annotations
 
-from medrega.records.templates import _BOX_EN, _BOX_ZH
+from medrega.records.templates import _BOX_EN
 from medrega.records.templates import BASE_PROMPTS as REGION_BASE_PROMPTS
 
 VQA_ANSWER = {"en": "Answer the question using a single word or phrase.", "zh": "请用词或短语回答问题。"}

@@ -22,6 +22,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image
 
+from medrega.io import write_json
 from medrega.sources.samed2d import CLASS_MAPPING_FILE, MAPPING_FILE
 from medrega.sources.slices import ScanError, Slice2D
 from medrega.vocab import MODALITIES
@@ -60,18 +61,6 @@ def _save_png(path: Path, array: np.ndarray) -> None:
     os.close(fd)
     try:
         Image.fromarray(array).save(tmp, format="PNG", compress_level=1, optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _write_json(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, sort_keys=True, ensure_ascii=False, indent=1)  # as synthetic.py
-            fh.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -123,6 +112,6 @@ def write_slices(root: Path, slices: Iterable[Slice2D]) -> dict:
         mapping[f"images/{stem}.png"] = sorted(masks)
         files += [f"images/{stem}.png", *masks]
         n_masks += len(masks)
-    _write_json(root / CLASS_MAPPING_FILE, classes)
-    _write_json(root / MAPPING_FILE, mapping)  # last: the index only ever lists whole files
+    write_json(root / CLASS_MAPPING_FILE, classes, indent=1)  # the format synthetic.py writes
+    write_json(root / MAPPING_FILE, mapping, indent=1)  # last: the index only ever lists whole files
     return {"images": len(slices), "masks": n_masks, "files": files}
