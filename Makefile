@@ -35,10 +35,15 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# Both UIs on loopback, over the same stores `make pipeline` writes (.prefect/, mlflow/).
+# Ctrl-C stops both (the trap kills exactly the two servers started here).
 ui: $(STAMP)
-	@echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000"
-	$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & \
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+	@mkdir -p mlflow
+	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & P=$$!; \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 & M=$$!; \
+	trap 'kill $$P $$M 2>/dev/null' INT TERM EXIT; \
+	echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000   (Ctrl-C stops both)"; \
+	wait
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock: $(STAMP)

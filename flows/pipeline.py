@@ -15,13 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.tasks import exponential_backoff
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from medrega import tracking
+from medrega import runlock, tracking
 from medrega.config import load_params
 
 STAGES = ("validate", "materialize", "align", "tune", "evaluate", "register")
 BAD_INPUT = 3  # the CLI's exit code for deterministic input errors: never retried
+LOCKED = 75  # EX_TEMPFAIL: another run held the workspace for too long; try again later
 
 
 class PipelineFailed(RuntimeError):
@@ -60,11 +62,10 @@ def ensure_raw_data(params: dict[str, Any]) -> str:
     logger = get_run_logger()
     root = Path(params["data"]["root"])
     if not (root / "SAMed2D_v1.json").exists():
-        logger.info("generating synthetic SA-Med2D-layout data in %s", root)
-        from medrega.sources.synthetic import generate
+        logger.info("generating the embedded default data (synthetic + package scans) in %s", root)
+        from medrega.sources.embedded import build_default
 
-        d = params["data"]
-        generate(root, d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
+        build_default(root, params["data"])
     status = _dvc("status", "data.dvc", "--json", check=False)
     if status.returncode != 0 or json.loads(status.stdout.strip() or "{}"):
         _dvc("add", "data")  # hashes and caches the data; data.dvc only changes if the data did
@@ -123,10 +124,17 @@ def run_stage(stage: str, params: dict[str, Any], env: dict[str, str]) -> dict[s
     rows = _flat(summary)[:200]
     create_table_artifact(key=f"medrega-{stage}", table=rows or [{"figure": "status", "value": "no summary"}],
                           description=f"**{stage}** — {'up to date, skipped' if skipped else 'ran'}")
+    report = Path(params["evaluate"]["out"]) / "report.html"
+    if stage == "evaluate" and report.exists():
+        create_link_artifact(key="medrega-evaluation-report", link=report.resolve().as_uri(),
+                             link_text="evaluation report (HTML)",
+                             description="Tables by modality and language, IoU distribution, name confusions, box gallery")
     return {"stage": stage, "skipped": skipped, "summary": summary}
 
 
-@task(name="dvc-push", retries=2, retry_delay_seconds=[5, 30])
+# S3 hiccups are the usual failure here: back off and retry (jittered, so two workspaces
+# pushing to one bucket do not retry in step)
+@task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
 def dvc_push() -> str:
     out = _dvc("push")
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
@@ -134,6 +142,16 @@ def dvc_push() -> str:
 
 @flow(name="medrega-pipeline", log_prints=False)
 def medrega_pipeline(profile: str | None = None, push: bool = True, params_file: str = "params.yaml") -> dict[str, Any]:
+    # One run per workspace: a second run started meanwhile waits here (medrega/runlock.py)
+    logger = get_run_logger()
+    try:
+        with runlock.run_lock(what=f"medrega pipeline (profile {profile or 'default'})", on_wait=logger.warning):
+            return _pipeline(profile, push, params_file)
+    except runlock.LockBusy as err:
+        raise PipelineFailed("lock", str(err), LOCKED) from err
+
+
+def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, Any]:
     import mlflow
 
     logger = get_run_logger()
@@ -148,7 +166,10 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
     except Exception:  # noqa: BLE001 - lineage is best effort outside a flow run
         pass
 
-    ensure_raw_data(params)
+    try:
+        ensure_raw_data(params)
+    except Exception as err:  # noqa: BLE001 - name the stage in the run's state and exit code
+        raise PipelineFailed("raw-data", f"{type(err).__name__}: {err}") from err
     tracking.setup()
     results: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"pipeline-{params['profile']}") as parent:
@@ -162,7 +183,13 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
                 raise PipelineFailed(stage, str(err), BAD_INPUT if err.returncode == BAD_INPUT else 1) from err
         skipped = [s for s in STAGES if results[s]["skipped"]]
         mlflow.set_tag("medrega.skipped_stages", ",".join(skipped))
-    pushed = dvc_push() if push else "not pushed (--no-push)"
+    try:
+        pushed = dvc_push() if push else "not pushed (--no-push)"
+    except Exception as err:  # noqa: BLE001 - retries are spent; outputs stay in the local cache
+        # DVC's own ERROR line says why (e.g. "Could not connect to the endpoint URL"); drop its noise
+        why = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln), str(err) or repr(err))
+        raise PipelineFailed("push", f"{why} -- every output is still in the local DVC cache; "
+                             "the next run (or `dvc push`) uploads what is missing") from err
     report = final_report(params, results, pushed)
     create_markdown_artifact(key="medrega-pipeline", markdown=report, description="Where the results are")
     logger.info("pipeline finished; summary in the 'medrega-pipeline' artifact")
@@ -183,7 +210,8 @@ def final_report(params: dict[str, Any], results: dict[str, Any], pushed: str) -
     for task_name, m in metrics.items():
         keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "bleu1", "name_accuracy") if k in m]
         lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
-    lines += [f"- Metrics file: `{params['evaluate']['out']}/metrics.json` (`dvc metrics show`)",
+    lines += [f"- Metrics file: `{params['evaluate']['out']}/metrics.json` (`dvc metrics show`); "
+              f"report: `{params['evaluate']['out']}/report.html`",
               f"- DVC outputs: {', '.join(params[s]['out'] for s in ('validate', 'materialize', 'align', 'tune', 'evaluate', 'register'))}; remote: {pushed}",
               "- Prefect UI: `make ui` (or `prefect server start`), then open http://127.0.0.1:4200",
               "- MLflow UI: `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db` then open http://127.0.0.1:5000"]

@@ -22,9 +22,16 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLFLOW_DIR / 'mlflow.db').resolve()}"
 
 
+ARTIFACT_ROOT_ENV = "MEDREGA_ARTIFACT_ROOT"
+
+
 def artifact_location(uri: str) -> str | None:
     """Artifacts of a SQLite store live beside its database (else MLflow uses ./mlruns);
-    a tracking server decides for itself."""
+    a tracking server decides for itself. `MEDREGA_ARTIFACT_ROOT` (e.g. `s3://bucket/mlflow`,
+    with `MLFLOW_S3_ENDPOINT_URL` for MinIO/Ceph) puts a new experiment's artifacts there;
+    boto3 takes the credentials from the environment or ~/.aws, never from MLflow."""
+    if os.environ.get(ARTIFACT_ROOT_ENV):
+        return os.environ[ARTIFACT_ROOT_ENV].rstrip("/") + f"/{EXPERIMENT}"
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "artifacts").resolve().as_uri()
     return None

@@ -46,12 +46,17 @@ def isolated_env(root: Path) -> dict[str, str]:
 @pytest.fixture
 def workspace(tmp_path: Path) -> Path:
     """A git + DVC workspace holding the project's files and a reduced params.yaml."""
-    root = tmp_path / "ws"
+    return make_workspace(tmp_path / "ws")
+
+
+def make_workspace(root: Path) -> Path:
+    """The `workspace` fixture's body, for fixtures of a wider scope (one pipeline run shared
+    by a module's tests)."""
     files = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"],
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if not src.is_file() or rel in ("data.dvc", "dvc.lock") or rel.startswith("tests/"):
+        if not src.is_file() or rel in ("data.dvc", "dvc.lock") or rel.startswith(("tests/", "artifacts/")):
             continue
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
