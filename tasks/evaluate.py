@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 from medrega import io, tracking
-from medrega.metrics import html
+from medrega.metrics import html, plugins
 from medrega.metrics.report import find_wordnet
-from medrega.metrics.scoring import TASKS, Scorer, headline, score_samples, summarise
+from medrega.metrics.scoring import TASKS, Scorer, headline, model_texts, score_samples, summarise
 from medrega.vocab import names_match, names_match_lenient
 from model.data import iter_records
 from model.infer import Generator, Query
@@ -52,7 +52,8 @@ def scorer(cfg: dict[str, Any]) -> Scorer:
 
 def score(items: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
     s = scorer(cfg)
-    return summarise(score_samples(items, scorer=s), s)
+    loaded = plugins.load_plugins(cfg.get("plugins"))
+    return summarise(score_samples(items, scorer=s), s, plugins.compute(loaded, model_texts(items)))
 
 
 def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
@@ -60,6 +61,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
     out_dir = Path(out_dir)
     tasks = [t for t in params["materialize"]["tasks"] if t in TASKS]
     items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"], params["seed"])
+    loaded = plugins.load_plugins(cfg.get("plugins"))  # a requested plug-in that cannot load fails before generation
     with tracking.stage_run("evaluate", {"evaluate": cfg}):
         generator = Generator.from_pretrained(model_dir)
         predictions = generator.generate(
@@ -71,7 +73,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
             del item["base_prompt"]
         s = scorer(cfg)
         samples = score_samples(items, scorer=s)
-        metrics = summarise(samples, s)
+        metrics = summarise(samples, s, plugins.compute(loaded, model_texts(items)))
         flat = headline(metrics)
         io.write_text(out_dir / "answers.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
         io.write_json(out_dir / "breakdown.json", metrics)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
@@ -21,11 +21,16 @@ def score(
     name_match: str = typer.Option("strict", help="strict, or lenient: the released substring rule."),
     wordnet: Optional[Path] = typer.Option(None, help="Local WordNet directory for METEOR "
                                                       "(default: $MEDREGA_WORDNET, then nltk_data on disk)."),
+    plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="NAME=LOCAL_MODEL_DIR: compute a metric "
+                                               "that needs model weights (bertscore, chexbert; radgraph is not "
+                                               "implemented). Repeatable. Local files only; a plug-in that cannot "
+                                               "load exits 3."),
 ):
     """Score an answers file (no model, no network) and write metrics.json."""
     import json
 
     from medrega import io
+    from medrega.metrics.plugins import load_plugins, parse_plugin_args
     from medrega.metrics.region import read_answers
     from medrega.metrics.report import find_wordnet
     from medrega.metrics.scoring import TASKS, score_answers
@@ -36,9 +41,10 @@ def score(
             raise ValueError(f"unknown task {task!r} (known: {', '.join(TASKS)})")
         if name_match not in ("strict", "lenient"):
             raise ValueError(f"--name-match must be strict or lenient, not {name_match!r}")
+        loaded = load_plugins({}, parse_plugin_args(plugin or []))  # before scoring: fail fast
         items = read_answers(answers, format)
         match = names_match_lenient if name_match == "lenient" else names_match
-        result = score_answers(items, task, match, threshold, find_wordnet(wordnet))
+        result = score_answers(items, task, match, threshold, find_wordnet(wordnet), loaded)
     except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
         console.print(f"[bold red]score failed:[/] {err}")
         raise typer.Exit(BAD_INPUT) from err

@@ -127,8 +127,13 @@ def render(result: dict[str, Any], items: list[dict], samples: list[dict], title
             parts += [f"<h3>{html.escape(t)}</h3>" + _table(rows, label) for t, rows in blocks]
     models = result.get("model_metrics", {})
     if models:
-        parts.append("<h2>Metrics that need model weights</h2><ul>"
-                     + "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in models.items()) + "</ul>")
+        parts.append("<h2>Metrics that need model weights</h2>")
+        text = {k: v for k, v in models.items() if not isinstance(v, dict)}
+        if text:
+            parts.append("<ul>" + "".join(f"<li>{html.escape(k)}: {_fmt(v)}</li>" for k, v in text.items()) + "</ul>")
+        for k, per_task in models.items():
+            if isinstance(per_task, dict):
+                parts.append(f"<h3>{html.escape(k)}</h3>" + _table(per_task, "task"))
     parts.append("<h2>IoU distribution (T2R and grounded reports)</h2>" + _iou_histogram(samples))
     conf = confusions(items, samples)
     parts.append("<h2>Most common name confusions</h2>" + (

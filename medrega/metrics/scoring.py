@@ -5,7 +5,8 @@ Tasks: t2r (Algorithm 1), r2t, grounded (Algorithm 1 on the boxes + report text 
 the descriptions), report and caption (text metrics), vqa (closed accuracy, open recall),
 cls (macro F1). Every task's figures are also given by language, modality and setting.
 Metrics that need model weights (BERTScore, CheXbert, RadGraph) are not computed unless a
-plug-in is given a local model; the result then says so instead of leaving them out.
+plug-in is given a local model (`medrega.metrics.plugins`); the result then says so instead of
+leaving them out.
 """
 from __future__ import annotations
 
@@ -13,14 +14,14 @@ import re
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from medrega.metrics import answers, region, report, text
+from medrega.metrics import answers, plugins, region, report, text
 from medrega.vocab import names_match
 from model.boxes import parse_regions
 
 TASKS = ("t2r", "r2t", "grounded", "report", "caption", "vqa", "cls")
 GROUP_KEYS = ("lang", "modality", "setting")
-MODEL_METRICS = ("bertscore", "chexbert", "radgraph")
-NOT_COMPUTED = "not computed (needs model weights: no local model path given)"
+MODEL_METRICS = plugins.PLUGINS
+NOT_COMPUTED = plugins.NOT_REQUESTED
 
 _TAGS = re.compile(r"<ref>.*?</ref>|<box>.*?</box>", re.DOTALL)
 
@@ -105,6 +106,24 @@ def score_samples(items: Iterable[dict], task: str | None = None, scorer: Scorer
     return out
 
 
+def model_texts(items: Iterable[dict], task: str | None = None) -> dict[tuple[str, str], tuple[list[str], list[str]]]:
+    """`{(task, lang): (predictions, references)}` of the text tasks, for the model-metric
+    plug-ins; the same task filter as `score_samples`; grounded reports give their descriptions."""
+    out: dict[tuple[str, str], tuple[list[str], list[str]]] = defaultdict(lambda: ([], []))
+    for item in items:
+        own = item.get("task")
+        kind = own or task
+        if (task is not None and own not in (None, task)) or kind not in ("r2t", "grounded", "report", "caption"):
+            continue
+        pred, ref = item.get("prediction"), item.get("ground_truth") or ""
+        if kind == "grounded":
+            pred, ref = _description(pred), _description(ref)
+        preds, refs = out[kind, _lang(item)]
+        preds.append(pred if isinstance(pred, str) else "")
+        refs.append(ref)
+    return dict(out)
+
+
 def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any] | None = None) -> dict:
     """`{task: {headline figures..., "by": {"by_lang": {...}, ...}}}` plus the model metrics."""
     by_task: dict[str, list[dict]] = defaultdict(list)
@@ -126,14 +145,17 @@ def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any]
                 entry["by"][f"by_{key}"] = {v: scorer.aggregate(task, g) for v, g in sorted(groups.items())}
         result[task] = entry
     given = model_metrics or {}
-    result["model_metrics"] = {m: given.get(m, NOT_COMPUTED) for m in MODEL_METRICS}
+    result["model_metrics"] = {m: given.get(m, plugins.NOT_IMPLEMENTED if m == "radgraph" else NOT_COMPUTED)
+                               for m in MODEL_METRICS}
     return result
 
 
 def score_answers(items: list[dict], task: str | None = None, name_match: Callable[[str, str], bool] = names_match,
-                  threshold: float = 0.5, wordnet=None) -> dict:
+                  threshold: float = 0.5, wordnet=None, loaded_plugins: dict[str, Any] | None = None) -> dict:
+    """Score `items`; `loaded_plugins` (from `plugins.load_plugins`) adds the model metrics."""
     scorer = Scorer(name_match, threshold, wordnet)
-    return summarise(score_samples(items, task, scorer), scorer)
+    samples = score_samples(items, task, scorer)
+    return summarise(samples, scorer, plugins.compute(loaded_plugins or {}, model_texts(items, task)))
 
 
 def headline(metrics: dict[str, Any]) -> dict[str, Any]:
