@@ -13,6 +13,7 @@ import base64
 import io as bytes_io
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -110,8 +111,13 @@ def model_card(params: dict[str, Any], metrics: dict[str, float], lineage: dict[
     lines += ["", "## Data mix (training annotation files)", "", "| dataset | records | repeat_time | augment |", "|---|---|---|---|"]
     meta = Path(instructions_dir) / "meta_file.json" if instructions_dir else None
     if meta and meta.exists():
+        mix: dict[str, list] = {}
         for name, entry in json.loads(meta.read_text(encoding="utf-8")).items():
-            lines.append(f"| {name} | {entry.get('length')} | {entry.get('repeat_time')} | {entry.get('data_augment')} |")
+            # materialize writes one entry per shard ("r2t_en-00003"): one row per dataset here
+            row = mix.setdefault(re.sub(r"-\d{5}$", "", name), [0, entry.get("repeat_time"), entry.get("data_augment")])
+            row[0] += entry.get("length") or 0
+        for name, (n, repeat, augment) in sorted(mix.items()):
+            lines.append(f"| {name} | {n} | {repeat} | {augment} |")
     else:
         lines.append("| (meta_file.json not available) | | | |")
     lines += ["", "## Training", "",

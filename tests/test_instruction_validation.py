@@ -115,7 +115,7 @@ def test_materialize_mixes_released(data, tmp_path):
     meta = json.loads((tmp_path / "ins" / "meta_file.json").read_text())
     entry = meta["r2t_en_released_ACDC"]
     assert entry["repeat_time"] == 2 and entry["root"] == str(tmp_path / "release" / "images") and entry["length"] == 2
-    assert summary["records_by_source"]["released_ACDC"] == 4 and "r2t_en" in meta
+    assert summary["records_by_source"]["released_ACDC"] == 4 and "r2t_en-00000" in meta
 
 
 def test_released_bad_lines_quarantined_or_fail(data, tmp_path):

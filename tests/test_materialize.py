@@ -39,6 +39,11 @@ def _lines(path: Path):
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
 
 
+def _shards(out: Path, task: str, lang: str, split: str) -> list[dict]:
+    """All records of one task/lang/split, across its shard files in shard order."""
+    return [r for p in sorted(out.glob(f"{task}_{lang}_{split}-*.jsonl")) for r in _lines(p)]
+
+
 def test_files_and_counts(output, params):
     out, summary = output
     assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
@@ -46,7 +51,7 @@ def test_files_and_counts(output, params):
     for task in cfg["tasks"]:
         for lang in cfg["langs"]:
             for split in ("train", "test"):
-                recs = _lines(out / f"{task}_{lang}_{split}.jsonl")
+                recs = _shards(out, task, lang, split)
                 assert len(recs) == summary["records"][task][lang][split]
                 assert all(r["task"] == task and r["lang"] == lang and r["split"] == split for r in recs)
     for lang in cfg["langs"]:
@@ -61,12 +66,14 @@ def test_meta_files(output, data_root, params):
         meta = json.loads((out / meta_name).read_text(encoding="utf-8"))
         expected = {f"{t}_{lang}" for t in params["materialize"]["tasks"] for lang in params["materialize"]["langs"]
                     if summary["records"][t][lang][split] > 0}
-        assert set(meta) == expected and {"r2t_en", "r2t_zh", "t2r_en", "t2r_zh"} <= set(meta)
+        datasets = {name.rsplit("-", 1)[0] for name in meta}  # one entry per shard: "r2t_en-00000"
+        assert datasets == expected and {"r2t_en", "r2t_zh", "t2r_en", "t2r_zh"} <= datasets
         for name, entry in meta.items():
-            task, lang = name.split("_")
+            dataset, shard = name.rsplit("-", 1)
+            task, lang = dataset.split("_")
             assert set(entry) == {"root", "annotation", "length", "repeat_time", "data_augment", "base_prompt"}
             assert entry["root"] == str(data_root)
-            assert entry["annotation"] == str(out / f"{name}_{split}.jsonl")
+            assert entry["annotation"] == str(out / f"{dataset}_{split}-{shard}.jsonl")
             assert entry["length"] == len(_lines(Path(entry["annotation"])))
             assert entry["repeat_time"] == 1
             if task in ("r2t", "t2r"):
@@ -122,7 +129,8 @@ def test_crash_does_not_create_output(data_root, params, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated crash"):
         mat.materialize(data_root, out, params)
     assert not out.exists()
-    assert list(tmp_path.iterdir()) == []  # temp dir cleaned up too
+    # no shard finished (one shard holds every image here), so no work directory is kept either
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_crash_keeps_previous_output(data_root, params, tmp_path, monkeypatch):

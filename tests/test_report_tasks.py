@@ -71,9 +71,10 @@ def test_report_records_all_tasks(root, params, tmp_path):
         for lang in ("en", "zh"):
             assert summary["records"][task][lang]["train"] > 0, (task, lang)
     meta = json.loads((tmp_path / "ins" / "meta_file.json").read_text())
-    assert meta["grounded_zh"]["base_prompt"].startswith("你是一个医疗助手，你的任务是定位并描述病种。")
+    assert meta["grounded_zh-00000"]["base_prompt"].startswith("你是一个医疗助手，你的任务是定位并描述病种。")
     assert not any(e["data_augment"] for e in meta.values())
-    lines = lambda n: [json.loads(l) for l in (tmp_path / "ins" / n).read_text().splitlines()]  # noqa: E731
+    lines = lambda n: [json.loads(l) for f in sorted((tmp_path / "ins").glob(n.replace(".jsonl", "-*.jsonl")))  # noqa: E731
+                       for l in f.read_text().splitlines()]
     g_en, g_zh = lines("grounded_en_train.jsonl"), lines("grounded_zh_train.jsonl")
     assert all("</box>: " in r["conversations"][1]["value"] for r in g_en)
     assert all("</box>：" in r["conversations"][1]["value"] for r in g_zh)

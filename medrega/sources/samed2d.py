@@ -130,17 +130,28 @@ def mask_boxes(mask_path: Path, min_pixels: int = 4) -> list[tuple[int, int, int
 
     Components smaller than `min_pixels` are annotation specks, not regions, and are dropped.
     Boxes come back sorted top-to-bottom, left-to-right so records are deterministic.
+
+    This runs once per mask over millions of masks, so it does the least work past the PNG
+    decode: no mode conversion for masks already 8-bit or 1-bit (convert("L") copies the whole
+    image), and connected components only inside the mask's bounding box (PIL's getbbox is one
+    C pass), which is usually a small part of the slice.
     """
     with Image.open(mask_path) as im:
-        arr = np.asarray(im.convert("L")) > 0
+        if im.mode not in ("L", "1"):  # palette, 16-bit, RGB: "non-zero" means non-zero grey
+            im = im.convert("L")
+        bbox = im.getbbox()  # nonzero pixels; None when the mask is empty
+        if bbox is None:
+            return []
+        arr = np.asarray(im.crop(bbox)) > 0
+    x0, y0 = bbox[0], bbox[1]
     labels, n = ndimage.label(arr, structure=_CONNECTIVITY)
-    if n == 0:
-        return []
+    if n == 1:  # the common case: one component, its box is the crop
+        return [bbox] if int(np.count_nonzero(arr)) >= min_pixels else []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     boxes = []
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None or sizes[i] < min_pixels:
             continue
         ys, xs = sl
-        boxes.append((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)))
+        boxes.append((x0 + int(xs.start), y0 + int(ys.start), x0 + int(xs.stop), y0 + int(ys.stop)))
     return sorted(boxes, key=lambda b: (b[1], b[0], b[3], b[2]))

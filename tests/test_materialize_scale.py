@@ -1,0 +1,144 @@
+"""materialize at scale: shards, worker-count determinism, resume after a kill, streaming."""
+import copy
+import itertools
+import json
+import types
+from pathlib import Path
+
+import pytest
+
+import tasks.materialize as mat
+from medrega.config import load_params
+from medrega.sources import synthetic
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("scale") / "samed2d"
+    synthetic.generate(root, patients_per_modality=2, slices_per_patient=2, image_size=64, seed=0)
+    return root
+
+
+def _params(workers: int, shard_size: int = 3) -> dict:
+    p = copy.deepcopy(load_params(REPO / "params.yaml", "tiny"))
+    p["materialize"].update(test_share=0.5, workers=workers, shard_size=shard_size, dask_address=None)
+    return p
+
+
+def _snapshot(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+
+
+def test_same_bytes_for_any_worker_count(data_root, tmp_path):
+    out = tmp_path / "instructions"  # same path both times: meta files carry absolute paths
+    one = mat.materialize(data_root, out, _params(workers=1))
+    first = _snapshot(out)
+    two = mat.materialize(data_root, out, _params(workers=2))
+    assert one == two and one["shards"] > 2
+    assert _snapshot(out) == first
+    assert any(name.endswith("-00002.jsonl") for name in first)
+    assert not list(tmp_path.glob(".instructions.*"))  # the work directory went into place
+
+
+def test_resume_keeps_finished_shards_and_redoes_the_rest(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "instructions"
+    params = _params(workers=1, shard_size=3)
+    reference = tmp_path / "reference"
+    mat.materialize(data_root, reference, params)
+    want = {k: v.replace(str(reference).encode(), str(out).encode()) for k, v in _snapshot(reference).items()}
+
+    real = mat.builders.build_records
+    calls = {"n": 0, "limit": 7}  # shards 0 and 1 finish (6 images), shard 2 dies on its 2nd image
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > calls["limit"]:
+            raise KeyboardInterrupt("simulated kill")  # not an Exception: like a SIGINT mid-shard
+        return real(*a, **k)
+
+    monkeypatch.setattr(mat.builders, "build_records", counting)
+    with pytest.raises(KeyboardInterrupt):
+        mat.materialize(data_root, out, params)
+    work = tmp_path / ".instructions.partial"
+    assert not out.exists()
+    assert sorted(p.name for p in (work / mat.SHARDS_DIR).iterdir()) == ["00000.json", "00001.json"]
+    # A kill between a shard's data files and its manifest: a stale file the re-run must replace.
+    (work / "r2t_en_train-00002.jsonl").write_text("half a line", encoding="utf-8")
+    kept = {p.name: p.stat().st_mtime_ns for p in work.glob("*-0000[01].jsonl")}
+    assert kept
+
+    calls.update(n=0, limit=10**9)
+    summary = mat.materialize(data_root, out, params)
+    n_images = sum(summary["images"].values())
+    assert calls["n"] == n_images - 6  # the two finished shards were not rebuilt
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*-0000[01].jsonl")} == kept
+    assert _snapshot(out) == want  # and the result is what an uninterrupted run writes
+    assert not work.exists()
+
+
+def test_changed_params_discard_the_work_directory(data_root, tmp_path, monkeypatch):
+    out = tmp_path / "instructions"
+    params = _params(workers=1, shard_size=3)
+    real = mat.builders.build_records
+    calls = {"n": 0, "limit": 4}  # shard 0 finishes, shard 1 dies
+
+    def counting(*a, **k):
+        calls["n"] += 1
+        if calls["n"] > calls["limit"]:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(mat.builders, "build_records", counting)
+    with pytest.raises(RuntimeError):
+        mat.materialize(data_root, out, params)
+    stale = tmp_path / ".instructions.partial" / "stale-00000.jsonl"
+    stale.write_text("{}\n")
+    calls.update(n=0, limit=10**9)
+    params["materialize"]["seed"] = 1  # other records: nothing from the old run may be reused
+    summary = mat.materialize(data_root, out, params)
+    assert calls["n"] == sum(summary["images"].values())  # shard 0 rebuilt too
+    assert not (out / "stale-00000.jsonl").exists()
+
+
+def test_drive_streams_a_source_it_could_not_hold(tmp_path):
+    """_drive pulls samples only as shards drain: a source far larger than what may be held
+    raises the moment more than (window + 1) shards of it are outstanding."""
+    size, window, total = 50, 2, 200_000
+    state = {"pulled": 0, "taken": 0}
+
+    def source():
+        for i in itertools.count():
+            if i == total:
+                return
+            if state["pulled"] - state["taken"] > (window + 1) * size:
+                raise MemoryError("source materialised beyond the shard window")
+            state["pulled"] += 1
+            yield types.SimpleNamespace(rel_image=f"images/{i}.png")
+
+    def submit(fn, k, chunk, reports, job):  # record the shard instead of building it
+        return mat._Ready({"shard": k, "n": len(chunk)})
+
+    def take(man):
+        state["taken"] += man["n"]
+
+    job = {"work": str(tmp_path), "shard_size": size}
+    bar = types.SimpleNamespace(update=lambda n: None)
+    mat._drive(source(), {}, job, submit, window, take, bar)
+    assert state["taken"] == state["pulled"] == total
+
+
+def test_dask_task_runner(data_root, tmp_path):
+    """dask_address: the same shards on a (local, in-process) Dask cluster, the same bytes."""
+    distributed = pytest.importorskip("distributed")
+    pytest.importorskip("prefect_dask")
+    out = tmp_path / "instructions"
+    mat.materialize(data_root, out, _params(workers=1))
+    local = _snapshot(out)
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster:
+        p = _params(workers=2)
+        p["materialize"]["dask_address"] = cluster.scheduler_address
+        mat.materialize(data_root, out, p)
+    assert _snapshot(out) == local
