@@ -514,7 +514,7 @@ def validate(data_root: Path, out_dir: Path, params: dict) -> dict:
 
     images, masks, failures = build_frames(data_root, cfg)
     t_inspect = time.perf_counter() - t0
-    docs_dir = out_dir / "data_docs"
+    docs_dir = out_dir.resolve() / "data_docs"  # GX wants an absolute base directory
     shutil.rmtree(docs_dir, ignore_errors=True)  # pages of earlier runs would linger in the index
     docs_note = "GX data docs built by the ephemeral context"
     expectations: list[dict[str, Any]] = []

@@ -90,6 +90,14 @@ def test_clean_dataset_passes(dataset, tmp_path):
     assert not list(out.glob(".report.json.*"))  # the atomic write left no temp file
 
 
+def test_relative_paths_still_build_data_docs(dataset, tmp_path, monkeypatch):
+    # dvc.yaml runs the stage with paths relative to the workspace
+    monkeypatch.chdir(tmp_path)
+    report = validate(Path("data/samed2d"), Path("out"), _params())
+    assert report["passed"] is True
+    assert (tmp_path / "out" / "data_docs" / "index.html").is_file(), report.get("data_docs_note")
+
+
 def test_corrupt_png_fails_naming_file_and_rule(dataset, tmp_path):
     root, index = dataset
     bad = next(iter(index))
