@@ -18,7 +18,7 @@ from rich.console import Console
 from medrega.config import ConfigError, load_params
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__.split("\n")[0])
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # never break a file name across lines
 BAD_INPUT = 3
 
 ParamsOpt = typer.Option(Path("params.yaml"), "--params", help="Params file.")

@@ -99,6 +99,9 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir))}",
         'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        # rendezvous on the address Slurm itself uses for that node (a node name need not resolve)
+        'head_addr=$(scontrol show node "$head_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
+        'head_addr=${head_addr:-$head_node}',
         f"export MASTER_PORT={launcher.get('port', 29500)}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
     ]
@@ -107,7 +110,7 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
     torchrun = [
         shlex.quote(launcher.get("python", sys.executable)), "-m", "torch.distributed.run",
         f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
-        "--rdzv-backend=c10d", '--rdzv-endpoint="$head_node:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
+        "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
         *(shlex.quote(a) for a in args),
     ]
     lines.append("srun --kill-on-bad-exit=1 " + " ".join(torchrun))

@@ -182,14 +182,28 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     ds_config = deepspeed_config(cfg) if stage == "tune" and cfg.get("deepspeed") else None
     args = training_arguments(cfg, ckpt_dir, seed=params["seed"], deepspeed=ds_config,
                               report_to=report_to or [], run_name=stage)
-    trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=Collator(processor.tokenizer.pad_token_id))
-    result = trainer.train(resume_from_checkpoint=last)
-
     final = out_dir / ("adapter" if stage == "tune" and mode == "lora" else "model")
     partial = final.with_name(final.name + ".partial")
     if is_main and partial.exists():
         shutil.rmtree(partial)
+    done = finished_state(last, cfg.get("max_steps", -1))
+    if done is not None:
+        # Killed after its last save: the result is in that checkpoint. (Resuming the Trainer
+        # from its final checkpoint would take one step past max_steps.)
+        summary = {"stage": stage, "mode": mode, "resumed_from": Path(last).name, "train_samples": len(dataset),
+                   "too_long": len(dataset.too_long), "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+                   "zero_stage": None, "global_step": done["global_step"], "log_history": done["log_history"]}
+        if is_main:
+            partial.mkdir(parents=True)
+            for f in Path(last).iterdir():
+                if f.suffix == ".safetensors" or f.name in WEIGHT_FILES:
+                    shutil.copy2(f, partial / f.name)
+            _publish(processor, partial, final, out_dir, summary)
+        return summary
+
+    trainer = Trainer(model=model, args=args, train_dataset=dataset,
+                      data_collator=Collator(processor.tokenizer.pad_token_id))
+    result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(partial))  # gathers ZeRO-3 shards; rank 0 writes
     summary = {
         "stage": stage,
@@ -206,12 +220,27 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
-        processor.save_pretrained(partial)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(partial, final)  # the final model appears whole or not at all
-        (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
+        _publish(processor, partial, final, out_dir, summary)
     return summary
+
+
+WEIGHT_FILES = {"config.json", "generation_config.json", "adapter_config.json"}
+
+
+def finished_state(last: str | None, max_steps: int) -> dict | None:
+    """The trainer state of a checkpoint that already reached max_steps, else None."""
+    if not last or max_steps <= 0:
+        return None
+    state = json.loads((Path(last) / "trainer_state.json").read_text())
+    return state if state["global_step"] >= max_steps else None
+
+
+def _publish(processor: MedRegAProcessor, partial: Path, final: Path, out_dir: Path, summary: dict) -> None:
+    processor.save_pretrained(partial)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(partial, final)  # the final model appears whole or not at all
+    (out_dir / "train_summary.json").write_text(json.dumps(summary, indent=2))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,7 +23,7 @@ def test_cluster_profile_sbatch_matches_the_papers_layout():
     assert "#SBATCH --gpus-per-node=4" in lines
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--nnodes=4" in srun and "--nproc-per-node=4" in srun
-    assert "--rdzv-backend=c10d" in srun and '--rdzv-endpoint="$head_node:$MASTER_PORT"' in srun
+    assert "--rdzv-backend=c10d" in srun and '--rdzv-endpoint="$head_addr:$MASTER_PORT"' in srun
     assert srun.endswith("-m model.train tune --params params.yaml --meta m.json --base base --out out")
     assert "DS_ACCELERATOR=cpu" not in script  # GPUs: DeepSpeed picks CUDA itself
 
