@@ -23,33 +23,20 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
-from scipy import ndimage
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medrega.config import load_params  # noqa: E402
 from medrega.sources import synthetic  # noqa: E402
-from medrega.sources.samed2d import MAPPING_FILE, mask_boxes  # noqa: E402
-
-_CONNECTIVITY = np.ones((3, 3), dtype=bool)
-
+from medrega.sources.samed2d import MAPPING_FILE, component_boxes, mask_boxes  # noqa: E402
 
 def naive_mask_boxes(mask_path: Path, min_pixels: int = 4):
     """The pre-issue-3 implementation, verbatim in effect."""
     with Image.open(mask_path) as im:
         arr = np.asarray(im.convert("L")) > 0
-    labels, n = ndimage.label(arr, structure=_CONNECTIVITY)
-    if n == 0:
-        return []
-    sizes = np.bincount(labels.ravel(), minlength=n + 1)
-    boxes = []
-    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None or sizes[i] < min_pixels:
-            continue
-        ys, xs = sl
-        boxes.append((int(xs.start), int(ys.start), int(xs.stop), int(ys.stop)))
-    return sorted(boxes, key=lambda b: (b[1], b[0], b[3], b[2]))
+    # components on the full-size array: what the old path paid for
+    return component_boxes(arr, min_pixels)
 
 
 def _decode(path: Path) -> None:

@@ -19,6 +19,7 @@ from prefect.tasks import exponential_backoff
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from medrega import runlock, tracking
+from medrega.storage import dvc
 from medrega.config import load_params
 
 STAGES = ("validate", "materialize", "align", "tune", "evaluate", "register")
@@ -38,16 +39,8 @@ class StageFailed(RuntimeError):
         self.stage, self.returncode = stage, returncode
 
 
-def _dvc(*args: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    dvc = str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([dvc, *args], capture_output=True, text=True, env=env)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"dvc {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
-    return proc
-
-
 def stage_up_to_date(stage: str) -> bool:
-    out = _dvc("status", stage, "--json").stdout.strip()
+    out = dvc("status", stage, "--json").stdout.strip()
     return json.loads(out or "{}") == {}
 
 
@@ -66,9 +59,9 @@ def ensure_raw_data(params: dict[str, Any]) -> str:
         from medrega.sources.embedded import build_default
 
         build_default(root, params["data"])
-    status = _dvc("status", "data.dvc", "--json", check=False)
+    status = dvc("status", "data.dvc", "--json", check=False)
     if status.returncode != 0 or json.loads(status.stdout.strip() or "{}"):
-        _dvc("add", "data")  # hashes and caches the data; data.dvc only changes if the data did
+        dvc("add", "data")  # hashes and caches the data; data.dvc only changes if the data did
     return str(root)
 
 
@@ -136,7 +129,7 @@ def run_stage(stage: str, params: dict[str, Any], env: dict[str, str]) -> dict[s
 # pushing to one bucket do not retry in step)
 @task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
 def dvc_push() -> str:
-    out = _dvc("push")
+    out = dvc("push")
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
 
 

@@ -19,10 +19,11 @@ class StorageError(ValueError):
     """A DVC remote command failed (bad option, unreachable remote...)."""
 
 
-def dvc(*args: str, cwd: Path | str = ".", check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+def dvc(*args: str, cwd: Path | str = ".", check: bool = True, timeout: float | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run this environment's `dvc` (the console script beside the interpreter)."""
     exe = str(Path(sys.executable).with_name("dvc"))
-    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=env)
     if check and proc.returncode != 0:
         raise StorageError(f"dvc {' '.join(args)}: {(proc.stderr or proc.stdout).strip()}")
     return proc

@@ -44,7 +44,7 @@ from medrega import vocab
 from medrega.io import write_json
 from medrega.sources.samed2d import CLASS_MAPPING_FILE as CLASS_MAP_FILE
 from medrega.sources.samed2d import MAPPING_FILE as INDEX_FILE
-from medrega.sources.samed2d import iter_samples, mask_boxes, parse_image_name, parse_mask_name
+from medrega.sources.samed2d import class_lookup, iter_samples, mask_boxes, parse_image_name, parse_mask_name
 DEFAULT_MAX_IMAGE_SIDE = 65535  # PNG allows more, no scan we take is near this
 
 # Rule names, as written into failures.
@@ -100,25 +100,9 @@ def _parse_image_name(rel_image: str) -> tuple[dict[str, str] | None, str]:
 
 
 def _load_class_map(data_root: Path) -> dict[str, dict[int, str]]:
-    """`{dataset: {label: id}}` (SA-Med2D-20M's class mapping; `{id: label}` also taken)
-    -> `{dataset: {id: label}}`."""
-    raw = json.loads((data_root / CLASS_MAP_FILE).read_text(encoding="utf-8"))
-    if not isinstance(raw, dict):
-        raise ValueError("expected an object mapping datasets to {label: class id}")
-    out: dict[str, dict[int, str]] = {}
-    for dataset, table in raw.items():
-        if not isinstance(table, dict):
-            raise ValueError(f"entry {dataset!r} must map labels to class ids")
-        inv: dict[int, str] = {}
-        for k, v in table.items():
-            if isinstance(v, int) and not isinstance(v, bool):
-                inv[v] = str(k)
-            elif isinstance(v, str) and str(k).isdigit():
-                inv[int(k)] = v
-            else:
-                raise ValueError(f"{dataset}/{k!r}: expected label -> integer class id")
-        out[dataset] = inv
-    return out
+    """`{dataset: {id: label}}`, read exactly as the SA-Med2D reader reads it."""
+    path = data_root / CLASS_MAP_FILE
+    return class_lookup(json.loads(path.read_text(encoding="utf-8")), path)
 
 
 def _mask_label(rel_mask: str, rel_image: str, dataset: str | None,

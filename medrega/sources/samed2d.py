@@ -62,16 +62,18 @@ def parse_mask_name(name: str, image_stem: str) -> tuple[int, int]:
     return int(m["cls"]), int(m["inst"])
 
 
-def _class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
+def class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
     """dataset -> {class id: label}. The release maps label -> id; accept id -> label as well."""
+    if not isinstance(class_mapping, dict):
+        raise ValueError(f"{path}: expected an object mapping datasets to {{label: class id}}")
     out: dict[str, dict[int, str]] = {}
     for dataset, table in class_mapping.items():
         if not isinstance(table, dict):
             raise ValueError(f"{path}: entry {dataset!r} must map labels to class ids")
         inv: dict[int, str] = {}
         for k, v in table.items():
-            if isinstance(v, int):
-                inv[v] = k
+            if isinstance(v, int) and not isinstance(v, bool):
+                inv[v] = str(k)
             elif isinstance(v, str) and str(k).isdigit():
                 inv[int(k)] = v
             else:
@@ -95,7 +97,7 @@ def iter_samples(root: Path) -> Iterator[Sample]:
     """
     root = Path(root).resolve()
     mapping = _load_json(root / MAPPING_FILE)
-    classes = _class_lookup(_load_json(root / CLASS_MAPPING_FILE), root / CLASS_MAPPING_FILE)
+    classes = class_lookup(_load_json(root / CLASS_MAPPING_FILE), root / CLASS_MAPPING_FILE)
     for rel_image in sorted(mapping):
         info = parse_image_name(rel_image)
         stem = rel_image.rsplit("/", 1)[-1][: -len(".png")]
@@ -144,9 +146,16 @@ def mask_boxes(mask_path: Path, min_pixels: int = 4) -> list[tuple[int, int, int
             return []
         arr = np.asarray(im.crop(bbox)) > 0
     x0, y0 = bbox[0], bbox[1]
+    return component_boxes(arr, min_pixels, x0, y0, crop_box=bbox)
+
+
+def component_boxes(arr: np.ndarray, min_pixels: int, x0: int = 0, y0: int = 0,
+                    crop_box: tuple[int, int, int, int] | None = None) -> list[tuple[int, int, int, int]]:
+    """One box per connected component of a boolean array (offset by x0, y0), sorted top to
+    bottom; `crop_box` is the array's own tight box, returned as-is when it is one component."""
     labels, n = ndimage.label(arr, structure=_CONNECTIVITY)
-    if n == 1:  # the common case: one component, its box is the crop
-        return [bbox] if int(np.count_nonzero(arr)) >= min_pixels else []
+    if n == 1 and crop_box is not None:  # the common case: one component, its box is the crop
+        return [crop_box] if int(np.count_nonzero(arr)) >= min_pixels else []
     sizes = np.bincount(labels.ravel(), minlength=n + 1)
     boxes = []
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
