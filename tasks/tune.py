@@ -7,11 +7,10 @@ process, merges the LoRA adapter into the base so `out_dir/model` loads with pla
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
-from medrega import tracking
+from medrega import io, tracking
 from model.launch import launch, worker_args
 from model.processor import MedRegAProcessor
 
@@ -22,12 +21,9 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
 
     base = InternVLForConditionalGeneration.from_pretrained(str(base_dir))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-    partial = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    merged.save_pretrained(str(partial))
-    MedRegAProcessor.from_pretrained(adapter_dir).save_pretrained(partial)
-    shutil.rmtree(out_dir, ignore_errors=True)
-    partial.rename(out_dir)
+    with io.atomic_dir(out_dir) as partial:
+        merged.save_pretrained(str(partial))
+        MedRegAProcessor.from_pretrained(adapter_dir).save_pretrained(partial)
 
 
 def tune(instructions_dir: Path, align_dir: Path, out_dir: Path, params: dict[str, Any],
