@@ -144,7 +144,7 @@ def training_arguments(cfg: dict[str, Any], ckpt_dir: Path, *, seed: int, deepsp
 
 
 def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: Path, out_dir: Path,
-                report_to: list[str] | None = None) -> dict[str, Any]:
+                report_to: list[str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
     """Train one stage from the model in `base_dir`; the result is written to `out_dir/model`.
 
     For LoRA, `out_dir/adapter` holds the adapter alone; the merged model is made by the caller
@@ -202,7 +202,7 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
         return summary
 
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=Collator(processor.tokenizer.pad_token_id))
+                      data_collator=Collator(processor.tokenizer.pad_token_id), callbacks=callbacks)
     result = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(partial))  # gathers ZeRO-3 shards; rank 0 writes
     summary = {
