@@ -37,12 +37,17 @@ test-fast: $(STAMP)
 
 # Both UIs on loopback, over the same stores `make pipeline` writes (.prefect/, mlflow/).
 # Ctrl-C stops both (the trap kills exactly the two servers started here).
+# Ports and the MLflow store can be overridden: make ui PREFECT_UI_PORT=4300 MLFLOW_DB=/path/mlflow.db
+UI_HOST ?= 127.0.0.1
+PREFECT_UI_PORT ?= 4200
+MLFLOW_UI_PORT ?= 5000
+MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 ui: $(STAMP)
-	@mkdir -p mlflow
-	@$(BIN)/prefect server start --host 127.0.0.1 --port 4200 & P=$$!; \
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000 & M=$$!; \
+	@mkdir -p $(dir $(MLFLOW_DB))
+	@$(BIN)/prefect server start --host $(UI_HOST) --port $(PREFECT_UI_PORT) & P=$$!; \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host $(UI_HOST) --port $(MLFLOW_UI_PORT) & M=$$!; \
 	trap 'kill $$P $$M 2>/dev/null' INT TERM EXIT; \
-	echo "Prefect UI: http://127.0.0.1:4200   MLflow UI: http://127.0.0.1:5000   (Ctrl-C stops both)"; \
+	echo "Prefect UI: http://$(UI_HOST):$(PREFECT_UI_PORT)   MLflow UI: http://$(UI_HOST):$(MLFLOW_UI_PORT)   (Ctrl-C stops both)"; \
 	wait
 
 # Re-pin after changing dependencies in pyproject.toml.

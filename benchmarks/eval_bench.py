@@ -82,13 +82,21 @@ def synthetic_answers(n: int, seed: int = 0) -> list[dict]:
 
 
 def bench_scoring(n: int) -> dict:
+    """The whole file (read + score + breakdowns), then each task's lines alone."""
+    rows = synthetic_answers(n)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "answers.jsonl"
-        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in synthetic_answers(n)), encoding="utf-8")
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
         t0 = time.perf_counter()
         score_answers(read_answers(path))
         elapsed = time.perf_counter() - t0
-    return {"lines": n, "seconds": elapsed, "samples_per_s": n / elapsed}
+    per_task = {}
+    for task in ("t2r", "r2t", "grounded", "report", "vqa", "cls"):
+        subset = [r for r in rows if r["task"] == task]
+        t0 = time.perf_counter()
+        score_answers(subset)
+        per_task[task] = round(len(subset) / (time.perf_counter() - t0))
+    return {"lines": n, "seconds": elapsed, "samples_per_s": n / elapsed, "per_task_samples_per_s": per_task}
 
 
 def main() -> None:

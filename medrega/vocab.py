@@ -7,6 +7,7 @@ free-text answers back to a canonical key with `canonical()`.
 """
 from __future__ import annotations
 
+import functools
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -75,6 +76,7 @@ BY_KEY: dict[str, Structure] = {s.key: s for s in STRUCTURES}
 _PUNCT = re.compile(r"[\s\-_.,;:!?'\"()\[\]{}，。；：！？、（）]+")
 
 
+@functools.lru_cache(maxsize=1 << 16)  # scoring asks for the same few hundred names over and over
 def normalize(text: str) -> str:
     """Case-, width-, space- and punctuation-insensitive form of a name."""
     text = unicodedata.normalize("NFKC", text).lower()

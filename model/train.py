@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments
+from transformers import InternVLForConditionalGeneration, Trainer, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from model.data import Collator, InstructionDataset
@@ -171,6 +171,10 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     mode = {"base": "full", "align": "projector"}.get(stage) or cfg.get("mode", "lora")
     freeze_for_stage(model, stage, mode)
     if stage == "tune" and mode == "lora":
+        # LoRA's A matrices are drawn at random here, before the Trainer seeds anything: without
+        # this, two runs with the same inputs (or a killed run and the reference it resumes
+        # towards) start from different adapters and drift apart once B leaves zero.
+        set_seed(params["seed"])
         model = apply_lora(model, cfg["lora"])
     if cfg.get("gradient_checkpointing"):
         model.enable_input_require_grads()

@@ -1,7 +1,6 @@
 """materialize at scale: shards, worker-count determinism, resume after a kill, streaming."""
 import copy
 import itertools
-import json
 import types
 from pathlib import Path
 

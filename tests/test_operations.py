@@ -14,8 +14,9 @@ Tests share the module's workspace (the `ran` fixture) and each leaves the remot
 from __future__ import annotations
 
 import json
+import os
 import re
-import socket
+import signal
 import subprocess
 import threading
 import time
@@ -26,18 +27,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, isolated_env, make_workspace
+from tests.conftest import BIN, REPO, isolated_env, make_workspace
+from tests.servers import free_port, wait_http
 
 pytestmark = pytest.mark.slow
 
 KEY_ID, SECRET = "AKIAMEDREGATEST00001", "medrega-test-secret-do-not-leak-7f3a"
 DATA_BUCKET, MLFLOW_BUCKET = "medrega-dvc", "medrega-mlflow"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class S3:
@@ -321,3 +317,34 @@ def test_nightly_deployment_runs_on_a_real_prefect_server_and_worker(ran, s3, tm
                     proc.wait(30)
                 except subprocess.TimeoutExpired:
                     proc.kill()
+
+
+def test_make_ui_serves_both_uis_on_loopback_and_ctrl_c_stops_both(tmp_path):
+    """`make ui` as an operator runs it: both servers answer, their addresses are printed, and
+    Ctrl-C (SIGINT to the terminal's process group) leaves neither running."""
+    prefect_port, mlflow_port = free_port(), free_port()
+    env = isolated_env(tmp_path)
+    log = tmp_path / "ui.log"
+    with log.open("w") as fh:
+        proc = subprocess.Popen(
+            ["make", "--no-print-directory", "ui", f"PREFECT_UI_PORT={prefect_port}",
+             f"MLFLOW_UI_PORT={mlflow_port}", f"MLFLOW_DB={tmp_path / 'mlflow' / 'mlflow.db'}"],
+            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+    urls = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
+    try:
+        for url in urls.values():
+            wait_http(url, proc, 240, log)
+        text = log.read_text()
+        assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in text
+        assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in text
+        assert (tmp_path / "mlflow" / "mlflow.db").exists()  # the store named, not the repo's
+        assert (tmp_path / ".prefect").exists()
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    for url in urls.values():
+        with pytest.raises(httpx.TransportError):
+            httpx.get(url, timeout=2)

@@ -94,12 +94,27 @@ print(json.dumps({{'version': mv.version, 'cols': list(out.columns), 'regions': 
     params = yaml.safe_load((ws / "params.yaml").read_text())
     params["evaluate"]["iou_threshold"] = 0.25
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    # ...and register's first attempt meets a transient outage (its command fails once, the way
+    # an unreachable S3 or MLflow server makes it fail): the flow retries that stage alone
+    dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
+    assert dvc_yaml["stages"]["register"]["cmd"] == "medrega register"
+    dvc_yaml["stages"]["register"]["cmd"] = (
+        "sh -c 'test -e .outage-seen || { touch .outage-seen; "
+        "echo \"EndpointConnectionError: could not connect to the endpoint URL\" >&2; exit 1; }; exec medrega register'")
+    (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False, allow_unicode=True))
     third = medrega(ws, "pipeline")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]
     rows = stage_lines(third.stdout)
     assert rows == {"validate": "up to date (skipped)", "materialize": "up to date (skipped)",
                     "align": "up to date (skipped)", "tune": "up to date (skipped)",
                     "evaluate": "ran", "register": "ran"}
+    log = third.stdout + third.stderr
+    assert (ws / ".outage-seen").exists()
+    assert "EndpointConnectionError" in log
+    assert log.count("Retry 1/2") == 1 and "Retry 2/2" not in log  # one retry, of register only
+    retried = [line for line in log.splitlines() if "Retry 1/2" in line]
+    assert "register" in retried[0], retried
+    assert json.loads((ws / "artifacts/register/registered.json").read_text())["version"] != reg["version"]
 
 
 def test_failing_validation_stops_the_flow_and_writes_nothing_downstream(workspace: Path):

@@ -138,9 +138,9 @@ def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inp
     step_ref, loss_ref = last_loss(reference)
     step, loss = last_loss(resumed)
     assert step == step_ref == 6
-    # Issue 4 asks for 1e-4 relative; two CPU ranks under ZeRO-3 have given up to ~4e-4 after a
-    # resume (not yet explained), so this checks 1e-3 and the gap stays open on the issue.
-    assert abs(loss - loss_ref) <= 1e-3 * abs(loss_ref), (loss, loss_ref)
+    # the same loss as the uninterrupted run, within 1e-4 relative (issue 4); before LoRA's
+    # random init was seeded, the killed run's adapter started elsewhere and this was ~4e-4 off
+    assert abs(loss - loss_ref) <= 1e-4 * abs(loss_ref), (loss, loss_ref)
 
 
 def test_records_longer_than_max_length_fail_loudly(stage_inputs, tmp_path):
