@@ -2,6 +2,8 @@
 import copy
 import itertools
 import types
+import sys
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 import tasks.materialize as mat
 from medrega.config import load_params
 from medrega.sources import synthetic
+from tests.servers import free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,16 +131,37 @@ def test_drive_streams_a_source_it_could_not_hold(tmp_path):
     assert state["taken"] == state["pulled"] == total
 
 
-def test_dask_task_runner(data_root, tmp_path):
-    """dask_address: the same shards on a (local, in-process) Dask cluster, the same bytes."""
+def test_dask_task_runner_on_a_cluster_of_separate_processes(data_root, tmp_path):
+    """dask_address: the same shards on a real Dask cluster (a `dask scheduler` and two `dask
+    worker` processes on loopback, as an operator starts them), the same bytes as locally."""
     distributed = pytest.importorskip("distributed")
     pytest.importorskip("prefect_dask")
     out = tmp_path / "instructions"
     mat.materialize(data_root, out, _params(workers=1))
     local = _snapshot(out)
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster:
-        p = _params(workers=2)
-        p["materialize"]["dask_address"] = cluster.scheduler_address
-        mat.materialize(data_root, out, p)
+
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    logs = [(tmp_path / f"dask-{i}.log").open("w") for i in range(3)]
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard"],
+                              stdout=logs[0], stderr=subprocess.STDOUT, start_new_session=True)]
+    procs += [subprocess.Popen([dask, "worker", address, "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                                "--name", f"w{i}"], stdout=logs[i], stderr=subprocess.STDOUT, start_new_session=True)
+              for i in (1, 2)]
+    try:
+        with distributed.Client(address, timeout=60) as client:
+            client.wait_for_workers(2, timeout=120)
+            assert len(client.scheduler_info()["workers"]) == 2
+            p = _params(workers=2)
+            p["materialize"]["dask_address"] = address
+            mat.materialize(data_root, out, p)
+            # the shards ran in the worker processes (32 images in shards of 3: 11 shard tasks)
+            executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
+            assert sum(executed.values()) >= 11, executed
+    finally:
+        for proc in procs:
+            stop(proc)
+        for log in logs:
+            log.close()
     assert _snapshot(out) == local

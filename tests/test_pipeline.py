@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from tests.conftest import BIN, isolated_env
+from tests.phi import leaks, phi_values
 
 pytestmark = pytest.mark.slow
 
@@ -83,6 +84,18 @@ print(json.dumps({{'version': mv.version, 'cols': list(out.columns), 'regions': 
     assert isinstance(json.loads(info["regions"]), list)
     assert info["tags"]["git_commit"] and any(k.startswith("dvc.") for k in info["tags"])
     assert {"validate", "materialize", "align", "tune", "evaluate", "register"} <= set(info["stages"])
+
+    # the shipped head CTs went in (their headers name patients, dates, institutions, UIDs):
+    # none of those values is anywhere in what the run wrote, MLflow's and Prefect's stores
+    # and the DVC cache and remote included, nor in its log
+    from medrega.sources.embedded import PYDICOM_HEAD_CTS
+    secrets = phi_values(*PYDICOM_HEAD_CTS)
+    assert len(secrets) >= 5, secrets
+    written = [p for d in ("data", "artifacts", "mlflow", ".prefect", ".dvc", ".dvc-remote") if (ws / d).exists()
+               for p in (ws / d).rglob("*") if p.is_file()]
+    assert any(p.suffix == ".db" and "mlflow" in p.parts for p in written)
+    assert leaks(written, secrets, ws, binary_min_len=8) == []
+    assert [s for s in secrets if s in first.stdout + first.stderr] == []
 
     # nothing changed: every stage is reported up to date
     second = medrega(ws, "pipeline")

@@ -20,8 +20,11 @@ nobody asked for is reported as `NOT_REQUESTED`.
   the reference reports' labels: micro and macro over the 14 observations, and micro over the
   usual five (atelectasis, cardiomegaly, consolidation, edema, pleural effusion). English only.
 - radgraph: not implemented. RadGraph F1 needs the RadGraph DyGIE++ entity/relation model and
-  its allennlp runtime; approximating it with another model would be a fake figure, so asking
-  for it is an error and otherwise it reads "not computed (plug-in not implemented)".
+  its allennlp runtime. The `radgraph` package (0.1.18, the latest) vendors that runtime but
+  targets transformers 4: its tokenisation calls methods transformers 5 removed (`encode_plus`,
+  `build_inputs_with_special_tokens`; tried 2026-11-26). Approximating it with another model
+  would be a fake figure, so asking for it is an error and otherwise it reads "not computed
+  (plug-in not implemented)". Run it in a separate transformers-4 environment on our answers.
 """
 from __future__ import annotations
 
