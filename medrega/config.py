@@ -47,4 +47,17 @@ def load_params(path: str | Path = DEFAULT_PARAMS, profile: str | None = None) -
             raise ConfigError(f"{path}: unknown profile {name!r} (known: {known})")
         raw = deep_merge(raw, profiles[name])
     raw["profile"] = name
+    _check_task_mix(raw, path)
     return raw
+
+
+def _check_task_mix(params: dict[str, Any], path: Path) -> None:
+    """Base pretraining, tuning and evaluation choose among what `materialize.tasks` builds."""
+    built = set((params.get("materialize") or {}).get("tasks") or [])
+    choices = {"model.base_pretrain": ((params.get("model") or {}).get("base_pretrain") or {}).get("tasks"),
+               "tune": (params.get("tune") or {}).get("tasks"), "evaluate": (params.get("evaluate") or {}).get("tasks")}
+    for section, chosen in choices.items():
+        missing = sorted(set(chosen or []) - built)
+        if missing:
+            raise ConfigError(f"{path}: {section}.tasks names {', '.join(missing)}, which materialize.tasks "
+                              f"does not build ({', '.join(sorted(built))})")

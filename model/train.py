@@ -157,8 +157,8 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
         tasks = cfg["tasks"]
     elif stage == "align":
         tasks = ["caption"]
-    else:
-        tasks = [t for t in params["materialize"]["tasks"] if t != "caption"]
+    else:  # the instruction mix: tune.tasks, or every task built but the stage-1 captions
+        tasks = cfg.get("tasks") or [t for t in params["materialize"]["tasks"] if t != "caption"]
     dataset = InstructionDataset(meta_file, processor, tasks=tasks,
                                  max_too_long_share=cfg.get("max_too_long_share", 0.0), seed=params["seed"])
 

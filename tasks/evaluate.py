@@ -59,7 +59,7 @@ def score(items: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
 def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     cfg = params["evaluate"]
     out_dir = Path(out_dir)
-    tasks = [t for t in params["materialize"]["tasks"] if t in TASKS]
+    tasks = [t for t in (cfg.get("tasks") or params["materialize"]["tasks"]) if t in TASKS]
     items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"], params["seed"])
     loaded = plugins.load_plugins(cfg.get("plugins"))  # a requested plug-in that cannot load fails before generation
     with tracking.stage_run("evaluate", {"evaluate": cfg}):

@@ -38,3 +38,19 @@ def test_unknown_profile_is_named(tmp_path):
         load_params(REPO / "params.yaml", "nope")
     with pytest.raises(ConfigError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_task_mixes_choose_among_the_materialized_tasks(tmp_path):
+    import yaml
+
+    tiny = load_params(REPO / "params.yaml")
+    assert set(tiny["materialize"]["tasks"]) == {"caption", "r2t", "t2r", "grounded", "vqa", "report", "cls"}
+    assert tiny["tune"]["tasks"] == ["r2t", "t2r"] and tiny["evaluate"]["tasks"] is None
+    assert load_params(REPO / "params.yaml", "h800-cluster")["tune"]["tasks"] is None  # the paper's full mix
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw["materialize"]["tasks"] = ["caption", "r2t", "t2r"]
+    raw["evaluate"]["tasks"] = ["t2r", "vqa"]
+    bad = tmp_path / "params.yaml"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"evaluate\.tasks names vqa, which materialize\.tasks does not build"):
+        load_params(bad)
