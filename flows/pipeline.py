@@ -201,7 +201,7 @@ def final_report(params: dict[str, Any], results: dict[str, Any], pushed: str) -
     lines += ["", f"- Registered model: `{reg.get('uri')}` (version {reg.get('version')}, name `{reg.get('model_name')}`)",
               f"- MLflow tracking: `{reg.get('tracking_uri')}`"]
     for task_name, m in metrics.items():
-        keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "bleu1", "name_accuracy") if k in m]
+        keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "macro_f1", "closed_accuracy", "open_recall", "bleu1", "rougeL", "meteor", "name_accuracy") if k in m]
         lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     lines += [f"- Metrics file: `{params['evaluate']['out']}/metrics.json` (`dvc metrics show`); "
               f"report: `{params['evaluate']['out']}/report.html`",
