@@ -36,7 +36,8 @@ test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
 # Both UIs on loopback, over the same stores `make pipeline` writes (.prefect/, mlflow/).
-# Ctrl-C stops both (the trap kills exactly the two servers started here).
+# Ctrl-C stops both (the trap signals exactly the two servers started here and waits for them,
+# so `make ui` returns only once they are gone).
 # Ports and the MLflow store can be overridden: make ui PREFECT_UI_PORT=4300 MLFLOW_DB=/path/mlflow.db
 UI_HOST ?= 127.0.0.1
 PREFECT_UI_PORT ?= 4200
@@ -46,7 +47,7 @@ ui: $(STAMP)
 	@mkdir -p $(dir $(MLFLOW_DB))
 	@$(BIN)/prefect server start --host $(UI_HOST) --port $(PREFECT_UI_PORT) & P=$$!; \
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host $(UI_HOST) --port $(MLFLOW_UI_PORT) & M=$$!; \
-	trap 'kill $$P $$M 2>/dev/null' INT TERM EXIT; \
+	trap 'kill $$P $$M 2>/dev/null; wait $$P $$M 2>/dev/null' INT TERM EXIT; \
 	echo "Prefect UI: http://$(UI_HOST):$(PREFECT_UI_PORT)   MLflow UI: http://$(UI_HOST):$(MLFLOW_UI_PORT)   (Ctrl-C stops both)"; \
 	wait
 
