@@ -1,6 +1,6 @@
 """Model-metric plug-ins (issue 7): BERTScore on a tiny local BERT, CheXbert's loading contract
-and label F1, RadGraph refused, and "not computed" when nothing is asked for. Nothing downloads:
-the models are built from configs in a tmp dir."""
+and label F1, and "not computed" when nothing is asked for (RadGraph: test_radgraph_plugin.py).
+Nothing downloads: the models are built from configs in a tmp dir."""
 import json
 
 import pytest
@@ -129,8 +129,7 @@ def test_bertscore_through_score_answers_and_cli(tiny_bert, tmp_path):
     assert set(mm["bertscore"]) == {"report", "caption"}
     assert mm["bertscore"]["report"]["f1"] == pytest.approx(1.0, abs=1e-5)
     assert mm["bertscore"]["report"]["n"] == 1
-    assert mm["chexbert"] == NOT_COMPUTED
-    assert mm["radgraph"] == plugins.NOT_IMPLEMENTED
+    assert mm["chexbert"] == mm["radgraph"] == NOT_COMPUTED
 
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
@@ -162,11 +161,6 @@ def test_missing_files_are_named(tmp_path, tiny_bert):
     assert "config.json" not in str(err.value)
 
 
-def test_radgraph_request_fails_loudly(tiny_bert):
-    with pytest.raises(plugins.PluginError, match="not implemented"):
-        plugins.load_plugins({"radgraph": {"model_path": str(tiny_bert)}})
-
-
 def test_cli_plugin_errors_exit_3(tmp_path):
     path = tmp_path / "answers.jsonl"
     path.write_text(json.dumps({"task": "report", "prediction": "a", "ground_truth": "a"}) + "\n")
@@ -181,8 +175,7 @@ def test_not_requested_plugins_report_not_computed():
     assert plugins.load_plugins({"bertscore": {"model_path": None, "layer": None}, "chexbert": {"model_path": None},
                                  "radgraph": {"model_path": None}}) == {}
     result = score_answers([{"task": "report", "prediction": "normal", "ground_truth": "normal", "lang": "en"}])
-    assert result["model_metrics"] == {"bertscore": NOT_COMPUTED, "chexbert": NOT_COMPUTED,
-                                       "radgraph": plugins.NOT_IMPLEMENTED}
+    assert result["model_metrics"] == {"bertscore": NOT_COMPUTED, "chexbert": NOT_COMPUTED, "radgraph": NOT_COMPUTED}
     assert all(v.startswith("not computed") for v in result["model_metrics"].values())
     with pytest.raises(plugins.PluginError, match="unknown plug-in"):
         plugins.load_plugins({"bleurt": {"model_path": None}})
@@ -230,7 +223,7 @@ def test_html_report_shows_plugin_figures(tiny_bert):
     items = [{"task": "report", "prediction": "heart normal", "ground_truth": "the heart size is normal", "lang": "en"}]
     result = score_answers(items, loaded_plugins=plugins.load_plugins({"bertscore": {"model_path": str(tiny_bert)}}))
     page = html.render(result, items, [])
-    assert "<h3>bertscore</h3>" in page and "f1" in page and "plug-in not implemented" in page
+    assert "<h3>bertscore</h3>" in page and "f1" in page and "chexbert: not computed (needs model weights" in page
 
 
 def test_evaluate_stage_fails_loudly_on_a_bad_plugin_path(tmp_path):

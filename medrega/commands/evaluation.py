@@ -22,8 +22,8 @@ def score(
     wordnet: Optional[Path] = typer.Option(None, help="Local WordNet directory for METEOR "
                                                       "(default: $MEDREGA_WORDNET, then nltk_data on disk)."),
     plugin: Optional[List[str]] = typer.Option(None, "--plugin", help="NAME=LOCAL_MODEL_DIR: compute a metric "
-                                               "that needs model weights (bertscore, chexbert; radgraph is not "
-                                               "implemented). Repeatable. Local files only; a plug-in that cannot "
+                                               "that needs model weights (bertscore, chexbert, radgraph: see "
+                                               "the README). Repeatable. Local files only; a plug-in that cannot "
                                                "load exits 3."),
 ):
     """Score an answers file (no model, no network) and write metrics.json."""

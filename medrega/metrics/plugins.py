@@ -3,10 +3,11 @@
 A plug-in runs only when it is given a local model directory, in params.yaml
 (`evaluate.plugins.<name>.model_path`) or on the command line (`medrega score --plugin
 bertscore=/models/roberta-large`). Nothing is ever downloaded: paths must be existing local
-directories and every transformers call passes `local_files_only=True`. A plug-in that was
-asked for but cannot load (no such folder, files missing, unreadable checkpoint) raises
-`PluginError` (a ValueError: the CLI exits 3); it is never quietly "not computed". A plug-in
-nobody asked for is reported as `NOT_REQUESTED`.
+directories and every transformers call passes `local_files_only=True` (radgraph's own calls
+run in the Hugging Face hub's offline mode). A plug-in that was asked for but cannot load (no
+such folder, files missing, unreadable checkpoint) raises `PluginError` (a ValueError: the CLI
+exits 3); it is never quietly "not computed". A plug-in nobody asked for is reported as
+`NOT_REQUESTED`.
 
 - bertscore: greedy cosine matching of contextual token embeddings (Zhang et al. 2020) with any
   local transformers encoder; precision, recall, F1; optional idf weighting (off by default,
@@ -19,23 +20,31 @@ nobody asked for is reported as `NOT_REQUESTED`.
   (and, with `uncertain_as_positive`, when uncertain). F1 of the predicted reports' labels against
   the reference reports' labels: micro and macro over the 14 observations, and micro over the
   usual five (atelectasis, cardiomegaly, consolidation, edema, pleural effusion). English only.
-- radgraph: not implemented. RadGraph F1 needs the RadGraph DyGIE++ entity/relation model and
-  its allennlp runtime. The `radgraph` package (0.1.18, the latest) vendors that runtime but
-  targets transformers 4: its tokenisation calls methods transformers 5 removed (`encode_plus`,
-  `build_inputs_with_special_tokens`; tried 2026-11-26). Approximating it with another model
-  would be a fake figure, so asking for it is an error and otherwise it reads "not computed
-  (plug-in not implemented)". Run it in a separate transformers-4 environment on our answers.
+- radgraph: RadGraph F1 (Delbrouck et al. 2022) with the `radgraph` package's own F1RadGraph and
+  a released RadGraph model: the extracted archive (radgraph.tar.gz and siblings from
+  StanfordAIMI/RRG_scorers: `config.json`, `vocabulary/`, `weights.th`) in a directory named
+  after its model type (radgraph, radgraph-xl, echograph, modern-radgraph-xl), which picks the
+  report pre-processing and the label namespaces. The BERT that config.json names must be a
+  local directory or already in the local Hugging Face cache (loaded offline). Each report gets
+  an entity/relation graph; per pair, F1 at radgraph's three reward levels: simple (entities:
+  tokens and label), partial (entities and whether they have a relation), complete (entities
+  with each relation and its target), averaged over pairs. An empty side, or a side with no
+  entities, scores 0 (radgraph's rule: two reports without findings score 0, not 1). English
+  only. radgraph targets transformers 4; `radgraph_compat` adds the tokenizer methods it calls.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import math
+import os
+import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 PLUGINS = ("bertscore", "chexbert", "radgraph")
 NOT_REQUESTED = "not computed (needs model weights: no local model path given)"
-NOT_IMPLEMENTED = "not computed (plug-in not implemented)"
 
 CHEXBERT_CONDITIONS = (
     "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
@@ -266,14 +275,101 @@ class CheXbert:
         return result
 
 
+def _nested(config: Any, keys: str) -> Any:
+    for key in keys.split("."):
+        if not isinstance(config, dict) or key not in config:
+            return None
+        config = config[key]
+    return config
+
+
+def _local_transformer(name: Any, where: str) -> None:
+    """`name` (a model_name in a RadGraph config.json) must load without the network: a local
+    directory, or a hub id already in the local Hugging Face cache."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not isinstance(name, str) or not name:
+        raise PluginError(f"radgraph: {where} is missing or not a string")
+    if Path(name).is_dir():
+        return
+    try:
+        cached = try_to_load_from_cache(name, "config.json")
+    except ValueError:  # not a valid hub id (e.g. a path that does not exist)
+        cached = None
+    if not isinstance(cached, str):
+        raise PluginError(f"radgraph: {where} names the BERT {name!r}, which is neither a local directory nor in "
+                          f"the local Hugging Face cache ({constants.HF_HUB_CACHE}); nothing is downloaded. "
+                          f"Put a copy of that model (its config.json and tokenizer files) in a local directory "
+                          f"and set both model_name fields of the config.json to that path, or fill the cache "
+                          f"(HF_HOME) where the hub is reachable")
+
+
 class RadGraph:
     name = "radgraph"
+    model_types = ("radgraph", "radgraph-xl", "echograph", "modern-radgraph-xl")
+    levels = ("simple", "partial", "complete")
 
-    def __init__(self, model_path: str | Path, **_: Any):
+    def __init__(self, model_path: str | Path, **unknown: Any):
+        if unknown:
+            raise PluginError(f"radgraph: unknown option(s) {', '.join(sorted(unknown))} (known: model_path)")
         path = _directory(self.name, model_path)
-        raise PluginError(f"radgraph: {NOT_IMPLEMENTED}: RadGraph F1 needs the RadGraph DyGIE++ "
-                          f"entity/relation model and its allennlp runtime, which this pipeline does not "
-                          f"run; remove evaluate.plugins.radgraph.model_path ({str(path)!r}) or the --plugin flag")
+        model_type = path.name
+        if model_type not in self.model_types:
+            raise PluginError(f"radgraph: model path {str(path)!r} must be the extracted archive in a directory "
+                              f"named after its model type ({', '.join(self.model_types)}): radgraph reads "
+                              f"<parent>/<model type>, and the type picks the report pre-processing; rename "
+                              f"the folder or link it under that name")
+        labels = [f"vocabulary/{model_type}__{kind}_labels.txt" for kind in ("ner", "relation")]
+        _require(self.name, path, ["config.json", "weights.th", "vocabulary/non_padded_namespaces.txt", *labels])
+        if not os.access(path / "vocabulary", os.W_OK):  # allennlp's Vocabulary.from_files locks it
+            raise PluginError(f"radgraph: {str(path / 'vocabulary')!r} is not writable (radgraph writes a .lock "
+                              "file there while it reads the labels)")
+        try:
+            config = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as err:
+            raise PluginError(f"radgraph: cannot read {str(path / 'config.json')!r}: {err}") from err
+        for keys in ("dataset_reader.token_indexers.bert.model_name", "model.embedder.token_embedders.bert.model_name"):
+            _local_transformer(_nested(config, keys), f"{keys} in {str(path / 'config.json')!r}")
+
+        from medrega.metrics import radgraph_compat
+
+        try:
+            radgraph_compat.install()
+            from radgraph import F1RadGraph
+
+            with radgraph_compat.hub_offline(), contextlib.redirect_stdout(sys.stderr):
+                self.model = F1RadGraph(reward_level="all", model_type=model_type,
+                                        model_cache_dir=str(path.parent), cuda=-1)
+        except Exception as err:  # radgraph/allennlp raise assertions, KeyErrors, their own errors
+            detail = str(err) if len(str(err)) <= 600 else str(err)[:600] + " ..."  # a state_dict error lists every key
+            raise PluginError(f"radgraph: cannot load the RadGraph model in {str(path)!r}: "
+                              f"{type(err).__name__}: {detail}") from err
+        self.model.eval()
+        self.path, self.model_type = path, model_type
+
+    def score(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
+        """Per pair: {"simple_f1", "partial_f1", "complete_f1"}; an empty side scores 0."""
+        import torch
+
+        if len(predictions) != len(references):
+            raise ValueError("radgraph: predictions and references differ in length")
+        # whitespace collapsed: radgraph fails on a whitespace-only report and splits on spaces anyway
+        preds = [" ".join(p.split()) if isinstance(p, str) else "" for p in predictions]
+        refs = [" ".join(r.split()) if isinstance(r, str) else "" for r in references]
+        if not preds:
+            return []
+        with torch.no_grad(), contextlib.redirect_stdout(sys.stderr):
+            _, rewards, _, _ = self.model(refs=refs, hyps=preds)
+        return [{f"{level}_f1": float(v) for level, v in zip(self.levels, triple)} for triple in zip(*rewards)]
+
+    def compute(self, predictions: Sequence[str], references: Sequence[str]) -> dict[str, Any]:
+        scores = self.score(predictions, references)
+        n = len(scores)
+        out: dict[str, Any] = {"n": n}
+        for level in self.levels:
+            out[f"{level}_f1"] = sum(s[f"{level}_f1"] for s in scores) / n if n else 0.0
+        out["model_type"] = self.model_type
+        return out
 
 
 _CLASSES = {"bertscore": BERTScore, "chexbert": CheXbert, "radgraph": RadGraph}
@@ -314,7 +410,7 @@ def compute(loaded: dict[str, Any], texts: dict[tuple[str, str], tuple[list[str]
     out: dict[str, Any] = {}
     for name in PLUGINS:
         if name not in loaded:
-            out[name] = NOT_IMPLEMENTED if name == "radgraph" else NOT_REQUESTED
+            out[name] = NOT_REQUESTED
             continue
         langs, per_task = PLUGIN_LANGS[name], {}
         for task in PLUGIN_TASKS[name]:

@@ -145,8 +145,7 @@ def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any]
                 entry["by"][f"by_{key}"] = {v: scorer.aggregate(task, g) for v, g in sorted(groups.items())}
         result[task] = entry
     given = model_metrics or {}
-    result["model_metrics"] = {m: given.get(m, plugins.NOT_IMPLEMENTED if m == "radgraph" else NOT_COMPUTED)
-                               for m in MODEL_METRICS}
+    result["model_metrics"] = {m: given.get(m, NOT_COMPUTED) for m in MODEL_METRICS}
     return result
 
 
