@@ -54,7 +54,9 @@ def load_params(path: str | Path = DEFAULT_PARAMS, profile: str | None = None) -
 def _check_task_mix(params: dict[str, Any], path: Path) -> None:
     """Base pretraining, tuning and evaluation choose among what `materialize.tasks` builds."""
     built = set((params.get("materialize") or {}).get("tasks") or [])
-    choices = {"model.base_pretrain": ((params.get("model") or {}).get("base_pretrain") or {}).get("tasks"),
+    base = (params.get("model") or {}).get("base_pretrain") or {}
+    choices = {"model.base_pretrain": base.get("tasks"),
+               **{f"model.base_pretrain.phases[{i}]": (p or {}).get("tasks") for i, p in enumerate(base.get("phases") or [])},
                "tune": (params.get("tune") or {}).get("tasks"), "evaluate": (params.get("evaluate") or {}).get("tasks")}
     for section, chosen in choices.items():
         missing = sorted(set(chosen or []) - built)

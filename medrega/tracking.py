@@ -85,25 +85,27 @@ def log_json(data: Any, artifact_file: str) -> None:
     mlflow.log_dict(data, artifact_file)
 
 
-def log_history(history: list[dict[str, Any]]) -> None:
-    """Trainer log history (loss, learning rate, grad norm) as step-indexed metrics."""
+def log_history(history: list[dict[str, Any]], prefix: str = "train") -> None:
+    """Trainer log history (loss, learning rate, grad norm) as step-indexed metrics; one prefix
+    per Trainer run, so curves that each start at step 1 in one MLflow run stay apart."""
     import mlflow
 
     for entry in history:
         step = int(entry.get("step", 0))
         for key in ("loss", "learning_rate", "grad_norm"):
             if isinstance(entry.get(key), (int, float)):
-                mlflow.log_metric(f"train/{key}", float(entry[key]), step=step)
+                mlflow.log_metric(f"{prefix}/{key}", float(entry[key]), step=step)
 
 
-def log_training(summary: dict[str, Any]) -> None:
+def log_training(summary: dict[str, Any], prefix: str = "train") -> None:
     """A training summary: the loss curve as metrics, the scalar figures, the whole as JSON."""
     import mlflow
 
-    log_history(summary.get("log_history", []))
-    scalars = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    log_history(summary.get("log_history", []), prefix)
+    scalars = {k if prefix == "train" else f"{prefix}/{k}": float(v) for k, v in summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(scalars)
-    log_json(summary, f"{summary.get('stage', 'train')}_summary.json")
+    log_json(summary, f"{summary.get('stage', 'train') if prefix == 'train' else prefix}_summary.json")
 
 
 def metric_name(name: str) -> str:

@@ -54,14 +54,18 @@ def iter_records(meta_file: Path, tasks: list[str] | None = None, seed: int = 0)
 
 class InstructionDataset(Dataset):
     def __init__(self, meta_file: Path, processor: MedRegAProcessor, tasks: list[str] | None = None,
-                 max_too_long_share: float = 0.0, seed: int = 0):
+                 max_too_long_share: float = 0.0, seed: int = 0, base_prompt_share: float = 1.0):
         self.processor = processor
+        # Share of records that get their dataset's base prompt (SPEC §1 says all of them; the
+        # tiny preset's stand-in pretraining uses fewer). Drawn per record with a seeded RNG.
+        keep_prompt = random.Random(seed + 1)
         self.items: list[Item] = []
         self.too_long: list[str] = []
         for record, entry in iter_records(meta_file, tasks, seed):
             human, gpt = record["conversations"][0]["value"], record["conversations"][1]["value"]
             try:
-                encoded = processor.encode_example(human, gpt, entry.get("base_prompt"))
+                with_prompt = base_prompt_share >= 1 or keep_prompt.random() < base_prompt_share
+                encoded = processor.encode_example(human, gpt, entry.get("base_prompt") if with_prompt else None)
             except TooLong:
                 self.too_long.append(str(record["id"]))
                 continue

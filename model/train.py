@@ -144,13 +144,15 @@ def training_arguments(cfg: dict[str, Any], ckpt_dir: Path, *, seed: int, deepsp
 
 
 def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: Path, out_dir: Path,
-                report_to: list[str] | None = None, callbacks: list | None = None) -> dict[str, Any]:
+                report_to: list[str] | None = None, callbacks: list | None = None,
+                cfg: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train one stage from the model in `base_dir`; the result is written to `out_dir/model`.
 
     For LoRA, `out_dir/adapter` holds the adapter alone; the merged model is made by the caller
     (a single process) once all ranks are done.
     """
-    cfg = params["model"]["base_pretrain"] if stage == "base" else params[stage]
+    # `cfg` is given for the tiny preset's base pretraining, one phase at a time (tasks/align.py)
+    cfg = cfg if cfg is not None else params[stage]
     processor = MedRegAProcessor.from_pretrained(base_dir)
     processor.config.max_length = params["model"]["max_length"]  # params win over the saved value
     if stage == "base":
@@ -159,8 +161,9 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
         tasks = ["caption"]
     else:  # the instruction mix: tune.tasks, or every task built but the stage-1 captions
         tasks = cfg.get("tasks") or [t for t in params["materialize"]["tasks"] if t != "caption"]
-    dataset = InstructionDataset(meta_file, processor, tasks=tasks,
-                                 max_too_long_share=cfg.get("max_too_long_share", 0.0), seed=params["seed"])
+    dataset = InstructionDataset(meta_file, processor, tasks=tasks, seed=params["seed"],
+                                 max_too_long_share=cfg.get("max_too_long_share", 0.0),
+                                 base_prompt_share=cfg.get("base_prompt_share", 1.0))
 
     dtype = getattr(torch, params["model"].get("dtype", "float32"))
     if not torch.cuda.is_available():

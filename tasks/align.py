@@ -58,18 +58,31 @@ def build_base(params: dict[str, Any], meta_file: Path, base_dir: Path) -> MedRe
     return processor
 
 
+def pretrain(params: dict[str, Any], meta_file: Path, base_dir: Path, out_dir: Path) -> Path:
+    """The phases of `model.base_pretrain`, each from the weights the one before it wrote."""
+    cfg = params["model"].get("base_pretrain") or {}
+    common = {k: v for k, v in cfg.items() if k != "phases"}
+    for i, phase in enumerate(cfg.get("phases") or [], start=1):
+        phase_cfg = {**common, **phase}
+        if phase_cfg.get("max_steps", 0) <= 0:
+            continue
+        phase_dir = out_dir / f"phase-{i}"
+        tracking.log_training(train_stage("base", params, meta_file, base_dir, phase_dir, cfg=phase_cfg),
+                              prefix=f"pretrain-{i}")
+        base_dir = phase_dir / "model"
+    return base_dir
+
+
 def align(instructions_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
     meta_file = Path(instructions_dir) / "meta_file.json"
     out_dir = Path(out_dir)
     base_dir = out_dir / "base"
     with tracking.stage_run("align", {"align": params["align"], "model": params["model"]}):
         build_base(params, meta_file, base_dir)
-        if params["model"]["preset"] == "tiny" and params["model"].get("base_pretrain", {}).get("max_steps", 0) > 0:
+        if params["model"]["preset"] == "tiny":
             # Real presets start from a pretrained InternVL; the tiny preset has nothing to
             # download, so a short full pretraining on the train split stands in for one.
-            pre = out_dir / "pretrain"
-            tracking.log_training(train_stage("base", params, meta_file, base_dir, pre))
-            base_dir = pre / "model"
+            base_dir = pretrain(params, meta_file, base_dir, out_dir / "pretrain")
         summary = train_stage("align", params, meta_file, base_dir, out_dir)
         tracking.log_training(summary)
     return summary

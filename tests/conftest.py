@@ -18,7 +18,9 @@ def small_params(params: dict) -> dict:
     """The tiny profile cut down so a whole pipeline runs in a couple of minutes."""
     params["data"].update(patients_per_modality=2, slices_per_patient=1)
     params["materialize"].update(test_share=0.5)  # 16 patients: both splits non-empty
-    params["model"]["base_pretrain"].update(max_steps=3, save_steps=2, per_device_batch_size=4)
+    params["model"]["base_pretrain"].update(save_steps=2, per_device_batch_size=4)
+    for phase in params["model"]["base_pretrain"]["phases"]:
+        phase.update(max_steps=3)
     params["align"].update(max_steps=3, save_steps=2, batch_size=4)
     params["tune"].update(max_steps=4, save_steps=2, per_device_batch_size=2)
     params["evaluate"].update(max_samples_per_task=4, max_new_tokens=8, batch_size=4)

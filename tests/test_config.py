@@ -54,3 +54,8 @@ def test_task_mixes_choose_among_the_materialized_tasks(tmp_path):
     bad.write_text(yaml.safe_dump(raw))
     with pytest.raises(ConfigError, match=r"evaluate\.tasks names vqa, which materialize\.tasks does not build"):
         load_params(bad)
+    raw["evaluate"]["tasks"] = None
+    raw["model"]["base_pretrain"]["phases"][1]["tasks"] = ["grounded"]
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=r"base_pretrain\.phases\[1\]\.tasks names grounded"):
+        load_params(bad)

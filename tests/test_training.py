@@ -58,12 +58,37 @@ def test_lora_touches_only_the_language_model():
 
 def test_align_trains_the_projector_and_nothing_else(stage_inputs):
     aligned = stage_inputs["aligned"]
-    start = load_file(str(aligned / "pretrain" / "model" / "model.safetensors"))
+    last_phase = sorted((aligned / "pretrain").glob("phase-*"))[-1]
+    start = load_file(str(last_phase / "model" / "model.safetensors"))
     end = load_file(str(aligned / "model" / "model.safetensors"))
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), changed
     summary = json.loads((aligned / "train_summary.json").read_text())
     assert summary["stage"] == "align" and summary["global_step"] == stage_inputs["params"]["align"]["max_steps"]
+
+
+def test_base_pretraining_runs_its_phases_in_order_with_their_prompt_share(stage_inputs):
+    from model.data import InstructionDataset
+    from model.processor import MedRegAProcessor
+
+    pre = stage_inputs["aligned"] / "pretrain"
+    phases = stage_inputs["params"]["model"]["base_pretrain"]["phases"]
+    assert sorted(p.name for p in pre.glob("phase-*")) == [f"phase-{i}" for i in range(1, len(phases) + 1)]
+    for i, phase in enumerate(phases, start=1):
+        summary = json.loads((pre / f"phase-{i}" / "train_summary.json").read_text())
+        assert summary["stage"] == "base" and summary["global_step"] == phase["max_steps"]
+    # phase 2 trained from phase 1's weights, and changed them
+    one, two = (load_file(str(pre / f"phase-{i}" / "model" / "model.safetensors")) for i in (1, 2))
+    assert any(not torch.equal(one[k], two[k]) for k in one)
+
+    processor = MedRegAProcessor.from_pretrained(pre / "phase-1" / "model")
+    meta = stage_inputs["instructions"] / "meta_file.json"
+    with_prompt, without, half = (InstructionDataset(meta, processor, tasks=["t2r"], base_prompt_share=share)
+                                  for share in (1.0, 0.0, 0.5))
+    lengths = [len(d.items[0].input_ids) for d in (with_prompt, without)]
+    assert lengths[0] > lengths[1] + 50  # the T2R base prompt is long
+    longer = sum(len(a.input_ids) > len(b.input_ids) for a, b in zip(half.items, without.items))
+    assert 0 < longer < len(half.items)  # some records carry their prompt, some do not
 
 
 def run_tune(stage_inputs, out: Path, params: dict | None = None):
