@@ -97,15 +97,16 @@ def log_history(history: list[dict[str, Any]], prefix: str = "train") -> None:
                 mlflow.log_metric(f"{prefix}/{key}", float(entry[key]), step=step)
 
 
-def log_training(summary: dict[str, Any], prefix: str = "train") -> None:
-    """A training summary: the loss curve as metrics, the scalar figures, the whole as JSON."""
+def log_training(summary: dict[str, Any], prefix: str | None = None) -> None:
+    """A training summary: the loss curve as metrics, the scalar figures, the whole as JSON.
+    `prefix` names one of several Trainer runs logged into the same MLflow run."""
     import mlflow
 
-    log_history(summary.get("log_history", []), prefix)
-    scalars = {k if prefix == "train" else f"{prefix}/{k}": float(v) for k, v in summary.items()
+    log_history(summary.get("log_history", []), prefix or "train")
+    scalars = {f"{prefix}/{k}" if prefix else k: float(v) for k, v in summary.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool)}
     mlflow.log_metrics(scalars)
-    log_json(summary, f"{summary.get('stage', 'train') if prefix == 'train' else prefix}_summary.json")
+    log_json(summary, f"{prefix or summary.get('stage', 'train')}_summary.json")
 
 
 def metric_name(name: str) -> str:

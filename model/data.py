@@ -63,8 +63,8 @@ class InstructionDataset(Dataset):
         self.too_long: list[str] = []
         for record, entry in iter_records(meta_file, tasks, seed):
             human, gpt = record["conversations"][0]["value"], record["conversations"][1]["value"]
+            with_prompt = base_prompt_share >= 1 or keep_prompt.random() < base_prompt_share
             try:
-                with_prompt = base_prompt_share >= 1 or keep_prompt.random() < base_prompt_share
                 encoded = processor.encode_example(human, gpt, entry.get("base_prompt") if with_prompt else None)
             except TooLong:
                 self.too_long.append(str(record["id"]))

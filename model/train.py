@@ -152,6 +152,8 @@ def train_stage(stage: str, params: dict[str, Any], meta_file: Path, base_dir: P
     (a single process) once all ranks are done.
     """
     # `cfg` is given for the tiny preset's base pretraining, one phase at a time (tasks/align.py)
+    if cfg is None and stage == "base":
+        raise ValueError("train_stage('base') needs the phase's cfg (tasks.align.pretrain builds it)")
     cfg = cfg if cfg is not None else params[stage]
     processor = MedRegAProcessor.from_pretrained(base_dir)
     processor.config.max_length = params["model"]["max_length"]  # params win over the saved value
@@ -257,7 +259,8 @@ def main(argv: list[str] | None = None) -> None:
     from medrega.config import load_params
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["base", "align", "tune"])
+    # base pretraining runs in one process, phase by phase, from tasks/align.py
+    parser.add_argument("stage", choices=["align", "tune"])
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--meta", type=Path, required=True)
     parser.add_argument("--base", type=Path, required=True)
