@@ -9,10 +9,12 @@ paired difference is printed with its standard error.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 from pathlib import Path
 
+import mlflow
+
+from medrega import io, tracking
 from medrega.config import load_params
 from medrega.metrics.baselines import PriorBaseline
 from medrega.metrics.scoring import score_samples, summarise
@@ -67,8 +69,19 @@ def main() -> None:
             se = statistics.stdev(diff) / len(diff) ** 0.5
             results[name]["t2r_iou_minus_prior"] = {"mean": statistics.mean(diff), "stderr": se}
             print(f"{name}: T2R IoU minus prior {statistics.mean(diff):+.3f} (standard error {se:.3f}, {len(diff)} items)")
-    Path("artifacts/benchmarks").mkdir(parents=True, exist_ok=True)
-    Path("artifacts/benchmarks/learning.json").write_text(json.dumps(results, indent=2, default=str))
+    out = Path("artifacts/benchmarks/learning.json")
+    io.write_json(out, results, default=str)
+    # The same figures in the MLflow store the pipeline writes: one run, metrics named
+    # <model>.<task>/<figure> (e.g. tune.t2r/mean_iou, prior.t2r/mean_iou, tune.t2r_vs_prior/mean).
+    short = {"prior (no image)": "prior", "untrained (random init)": "untrained",
+             "after align": "align", "after tune (LoRA)": "tune"}
+    with tracking.stage_run("learning-check", {"learning": {"items": len(items), "params": a.params}}):
+        for name, m in results.items():
+            figures = {f"{short[name]}.{t}": m[t] for t in ("r2t", "t2r")}
+            if "t2r_iou_minus_prior" in m:
+                figures[f"{short[name]}.t2r_vs_prior"] = m["t2r_iou_minus_prior"]
+            tracking.log_task_metrics(figures)
+        mlflow.log_artifact(str(out))
 
 
 if __name__ == "__main__":
