@@ -24,6 +24,9 @@ from tasks.evaluate import scorer, test_items
 
 FIGURES = [("r2t", "accuracy"), ("r2t", "name_accuracy"), ("t2r", "mean_iou"), ("t2r", "region_f1"),
            ("t2r", "object_f1"), ("t2r", "acc@0.5"), ("t2r", "parse_failures")]
+# Each row's short name (MLflow metric prefix) and its label (table, learning.json).
+LABELS = {"prior": "prior (no image)", "untrained": "untrained (random init)",
+          "align": "after align", "tune": "after tune (LoRA)"}
 
 
 def main() -> None:
@@ -41,11 +44,11 @@ def main() -> None:
         return score_samples([{**i, "prediction": p} for i, p in zip(items, predictions)], scorer=s)
 
     prior = PriorBaseline(r for r, _ in iter_records(inst / "meta_file.json", ["r2t", "t2r"]))
-    samples = {"prior (no image)": scored([prior.answer(i) for i in items])}
+    samples = {"prior": scored([prior.answer(i) for i in items])}
     models = {
-        "untrained (random init)": Path(params["align"]["out"]) / "base",
-        "after align": Path(params["align"]["out"]) / "model",
-        "after tune (LoRA)": Path(params["tune"]["out"]) / "model",
+        "untrained": Path(params["align"]["out"]) / "base",
+        "align": Path(params["align"]["out"]) / "model",
+        "tune": Path(params["tune"]["out"]) / "model",
     }
     queries = [Query(Path(i["image"]), i["question"], i["base_prompt"]) for i in items]
     for name, path in models.items():
@@ -59,30 +62,27 @@ def main() -> None:
     print("|" + "---|" * (len(FIGURES) + 1))
     for name, m in results.items():
         cells = [m[t][k] for t, k in FIGURES]
-        print(f"| {name} | " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        print(f"| {LABELS[name]} | " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
     # Paired over the same T2R items: the figure that says whether a model beats the prior at all.
-    prior_iou = [r["iou"] for r in samples["prior (no image)"] if r["task"] == "t2r"]
+    t2r_iou = {name: [r["iou"] for r in rows if r["task"] == "t2r"] for name, rows in samples.items()}
     print()
     for name in models:
-        diff = [r["iou"] - p for r, p in zip((r for r in samples[name] if r["task"] == "t2r"), prior_iou)]
+        diff = [m - p for m, p in zip(t2r_iou[name], t2r_iou["prior"])]
         if len(diff) > 1:
             se = statistics.stdev(diff) / len(diff) ** 0.5
             results[name]["t2r_iou_minus_prior"] = {"mean": statistics.mean(diff), "stderr": se}
-            print(f"{name}: T2R IoU minus prior {statistics.mean(diff):+.3f} (standard error {se:.3f}, {len(diff)} items)")
+            print(f"{LABELS[name]}: T2R IoU minus prior {statistics.mean(diff):+.3f} (standard error {se:.3f}, {len(diff)} items)")
     out = Path("artifacts/benchmarks/learning.json")
-    io.write_json(out, results, default=str)
+    io.write_json(out, {LABELS[name]: m for name, m in results.items()}, default=str)
     # The same figures in the MLflow store the pipeline writes: one run, metrics named
     # <model>.<task>/<figure> (e.g. tune.t2r/mean_iou, prior.t2r/mean_iou, tune.t2r_vs_prior/mean).
-    short = {"prior (no image)": "prior", "untrained (random init)": "untrained",
-             "after align": "align", "after tune (LoRA)": "tune"}
     with tracking.stage_run("learning-check", {"learning": {"items": len(items), "params": a.params}}):
         for name, m in results.items():
-            figures = {f"{short[name]}.{t}": m[t] for t in ("r2t", "t2r")}
+            figures = {f"{name}.{t}": m[t] for t in ("r2t", "t2r")}
             if "t2r_iou_minus_prior" in m:
-                figures[f"{short[name]}.t2r_vs_prior"] = m["t2r_iou_minus_prior"]
+                figures[f"{name}.t2r_vs_prior"] = m["t2r_iou_minus_prior"]
             tracking.log_task_metrics(figures)
         mlflow.log_artifact(str(out))
-
 
 if __name__ == "__main__":
     main()
