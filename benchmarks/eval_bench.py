@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from medrega.metrics.scoring import score_answers  # noqa: E402
 from medrega.metrics.region import read_answers  # noqa: E402
-from model.boxes import format_regions  # noqa: E402
+from medrega.grammar import format_regions  # noqa: E402
 from model.infer import Generator, Query  # noqa: E402
 from tasks.evaluate import test_items  # noqa: E402
 

@@ -15,28 +15,30 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
-from prefect.tasks import exponential_backoff
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.tasks import exponential_backoff
 
-from medrega import runlock, tracking
+from medrega import config as config_mod
+from medrega import errors, runlock, stages, tracking
+from medrega.config import Config
+from medrega.errors import BadInput, MedregaError
 from medrega.storage import dvc
-from medrega.config import load_params
 
-STAGES = ("validate", "materialize", "align", "tune", "evaluate", "register")
-BAD_INPUT = 3  # the CLI's exit code for deterministic input errors: never retried
-LOCKED = 75  # EX_TEMPFAIL: another run held the workspace for too long; try again later
+STAGES = stages.NAMES
 
 
-class PipelineFailed(RuntimeError):
+class PipelineFailed(MedregaError):
     def __init__(self, stage: str, detail: str, exit_code: int = 1):
         super().__init__(f"stage {stage!r} failed: {detail}")
         self.stage, self.exit_code = stage, exit_code
 
 
 class StageFailed(RuntimeError):
-    def __init__(self, stage: str, returncode: int, log_tail: str):
-        super().__init__(f"{stage} exited {returncode}:\n{log_tail}")
-        self.stage, self.returncode = stage, returncode
+    """A stage command exited non-zero; `kind` comes from the failure file it wrote (if any)."""
+
+    def __init__(self, stage: str, kind: str, exit_code: int, log_tail: str):
+        super().__init__(f"{stage} failed ({kind}, exit {exit_code}):\n{log_tail}")
+        self.stage, self.kind, self.exit_code = stage, kind, exit_code
 
 
 def stage_up_to_date(stage: str) -> bool:
@@ -46,41 +48,23 @@ def stage_up_to_date(stage: str) -> bool:
 
 def _retry_unless_bad_input(task, task_run, state) -> bool:
     err = state.result(raise_on_failure=False)
-    return not (isinstance(err, StageFailed) and err.returncode == BAD_INPUT)
+    return not (isinstance(err, StageFailed) and err.kind == BadInput.kind)
 
 
 @task(name="raw-data", retries=1)
-def ensure_raw_data(params: dict[str, Any]) -> str:
+def ensure_raw_data(cfg: Config) -> str:
     """The embedded default's raw data: generated if missing, then tracked by data.dvc."""
     logger = get_run_logger()
-    root = Path(params["data"]["root"])
+    root = cfg.data.root
     if not (root / "SAMed2D_v1.json").exists():
         logger.info("generating the embedded default data (synthetic + package scans) in %s", root)
         from medrega.sources.embedded import build_default
 
-        build_default(root, params["data"])
+        build_default(root, cfg.data)
     status = dvc("status", "data.dvc", "--json", check=False)
     if status.returncode != 0 or json.loads(status.stdout.strip() or "{}"):
         dvc("add", "data")  # hashes and caches the data; data.dvc only changes if the data did
     return str(root)
-
-
-def _summary(stage: str, params: dict[str, Any]) -> dict[str, Any]:
-    """The figures a person wants to see for a stage, read from what it wrote."""
-    files = {
-        "validate": Path(params["validate"]["out"]) / "report.json",
-        "materialize": Path(params["materialize"]["out"]) / "summary.json",
-        "align": Path(params["align"]["out"]) / "train_summary.json",
-        "tune": Path(params["tune"]["out"]) / "train_summary.json",
-        "evaluate": Path(params["evaluate"]["out"]) / "metrics.json",
-        "register": Path(params["register"]["out"]) / "registered.json",
-    }
-    path = files[stage]
-    if not path.exists():
-        return {}
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data.pop("log_history", None)
-    return data
 
 
 def _flat(d: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
@@ -93,31 +77,38 @@ def _flat(d: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
     return rows
 
 
+def dvc_repro(stage: str, env: dict[str, str]) -> None:
+    """`dvc repro --single-item <stage>`, its output streamed live; a failure says which kind
+    of failure from the file the stage command wrote (medrega.errors), not from DVC's text."""
+    errors.clear_failure(stage)
+    proc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.append(line.rstrip())
+        print(line, end="")  # live output in the terminal
+    if proc.wait() != 0:
+        failure = errors.read_failure(stage) or {"kind": "error", "exit_code": proc.returncode}
+        raise StageFailed(stage, failure["kind"], failure["exit_code"], "\n".join(lines[-25:]))
+
+
 @task(name="stage", retries=2, retry_delay_seconds=[5, 30], retry_condition_fn=_retry_unless_bad_input,
       task_run_name="{stage}")
-def run_stage(stage: str, params: dict[str, Any], env: dict[str, str]) -> dict[str, Any]:
+def run_stage(stage: str, cfg: Config, env: dict[str, str]) -> dict[str, Any]:
     logger = get_run_logger()
     skipped = stage_up_to_date(stage)
     if skipped:
         logger.info("%s: up to date (DVC), skipped", stage)
     else:
         logger.info("%s: running `dvc repro --single-item %s`", stage, stage)
-        proc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        lines: list[str] = []
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip())
-            print(line, end="")  # live output in the terminal
-        if proc.wait() != 0:
-            # dvc wraps the command's exit code; recover ours from the message
-            code = BAD_INPUT if any(f"exited with {BAD_INPUT}" in ln for ln in lines) else proc.returncode
-            raise StageFailed(stage, code, "\n".join(lines[-25:]))
-    summary = _summary(stage, params)
+        dvc_repro(stage, env)
+    result = stages.read_result(cfg, stage)
+    summary = result.summary if result else {}
     rows = _flat(summary)[:200]
     create_table_artifact(key=f"medrega-{stage}", table=rows or [{"figure": "status", "value": "no summary"}],
                           description=f"**{stage}** — {'up to date, skipped' if skipped else 'ran'}")
-    report = Path(params["evaluate"]["out"]) / "report.html"
+    report = cfg.evaluate.out / "report.html"
     if stage == "evaluate" and report.exists():
         create_link_artifact(key="medrega-evaluation-report", link=report.resolve().as_uri(),
                              link_text="evaluation report (HTML)",
@@ -141,17 +132,28 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
         with runlock.run_lock(what=f"medrega pipeline (profile {profile or 'default'})", on_wait=logger.warning):
             return _pipeline(profile, push, params_file)
     except runlock.LockBusy as err:
-        raise PipelineFailed("lock", str(err), LOCKED) from err
+        raise PipelineFailed("lock", str(err), err.exit_code) from err
+    except BadInput as err:  # params.yaml itself
+        raise PipelineFailed("config", str(err), err.exit_code) from err
+
+
+def resolve_config(cfg: Config, env: dict[str, str]) -> None:
+    """The active profile into params.resolved.yaml, then DVC's `resolve` stage (the same command
+    under the same MEDREGA_PROFILE): a profile chosen here is what DVC compares and records."""
+    config_mod.write_resolved(cfg)
+    if not stage_up_to_date("resolve"):
+        dvc_repro("resolve", env)
 
 
 def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, Any]:
     import mlflow
 
     logger = get_run_logger()
-    params = load_params(params_file, profile)
+    cfg = config_mod.resolve(params_file, profile)
     # dvc.yaml's commands (`medrega ...`) must resolve to this environment's console script
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, MEDREGA_PROFILE=params["profile"], PYTHONUNBUFFERED="1", PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
+    env = dict(os.environ, MEDREGA_PROFILE=cfg.profile, PYTHONUNBUFFERED="1",
+               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     try:
         from prefect.runtime import flow_run
 
@@ -160,20 +162,23 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
         pass
 
     try:
-        ensure_raw_data(params)
+        ensure_raw_data(cfg)
+        resolve_config(cfg, env)
+    except StageFailed as err:
+        raise PipelineFailed("resolve", str(err), err.exit_code) from err
     except Exception as err:  # noqa: BLE001 - name the stage in the run's state and exit code
         raise PipelineFailed("raw-data", f"{type(err).__name__}: {err}") from err
     tracking.setup()
     results: dict[str, Any] = {}
-    with mlflow.start_run(run_name=f"pipeline-{params['profile']}") as parent:
-        mlflow.set_tags({"medrega.profile": params["profile"], "prefect.flow_run_id": env.get("MEDREGA_FLOW_RUN_ID", "")})
+    with mlflow.start_run(run_name=f"pipeline-{cfg.profile}") as parent:
+        mlflow.set_tags({"medrega.profile": cfg.profile, "prefect.flow_run_id": env.get("MEDREGA_FLOW_RUN_ID", "")})
         env[tracking.PARENT_ENV] = parent.info.run_id
         for stage in STAGES:
             try:
-                results[stage] = run_stage(stage, params, env)
+                results[stage] = run_stage(stage, cfg, env)
             except StageFailed as err:
                 mlflow.set_tag("medrega.failed_stage", stage)
-                raise PipelineFailed(stage, str(err), BAD_INPUT if err.returncode == BAD_INPUT else 1) from err
+                raise PipelineFailed(stage, str(err), err.exit_code if err.kind == BadInput.kind else 1) from err
         skipped = [s for s in STAGES if results[s]["skipped"]]
         mlflow.set_tag("medrega.skipped_stages", ",".join(skipped))
     try:
@@ -183,14 +188,14 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
         why = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln), str(err) or repr(err))
         raise PipelineFailed("push", f"{why} -- every output is still in the local DVC cache; "
                              "the next run (or `dvc push`) uploads what is missing") from err
-    report = final_report(params, results, pushed)
+    report = final_report(cfg, results, pushed)
     create_markdown_artifact(key="medrega-pipeline", markdown=report, description="Where the results are")
     logger.info("pipeline finished; summary in the 'medrega-pipeline' artifact")
     print(report)
     return results
 
 
-def final_report(params: dict[str, Any], results: dict[str, Any], pushed: str) -> str:
+def final_report(cfg: Config, results: dict[str, Any], pushed: str) -> str:
     reg = results["register"]["summary"]
     metrics = results["evaluate"]["summary"]
     lines = ["# MedRegA pipeline finished", ""]
@@ -203,9 +208,9 @@ def final_report(params: dict[str, Any], results: dict[str, Any], pushed: str) -
     for task_name, m in metrics.items():
         keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "macro_f1", "closed_accuracy", "open_recall", "bleu1", "rougeL", "meteor", "name_accuracy") if k in m]
         lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
-    lines += [f"- Metrics file: `{params['evaluate']['out']}/metrics.json` (`dvc metrics show`); "
-              f"report: `{params['evaluate']['out']}/report.html`",
-              f"- DVC outputs: {', '.join(params[s]['out'] for s in ('validate', 'materialize', 'align', 'tune', 'evaluate', 'register'))}; remote: {pushed}",
+    lines += [f"- Metrics file: `{cfg.evaluate.out}/metrics.json` (`dvc metrics show`); "
+              f"report: `{cfg.evaluate.out}/report.html`",
+              f"- DVC outputs: {', '.join(str(stages.out_dir(cfg, s)) for s in STAGES)}; remote: {pushed}",
               "- Prefect UI: `make ui` (or `prefect server start`), then open http://127.0.0.1:4200",
               "- MLflow UI: `mlflow ui --backend-store-uri sqlite:///mlflow/mlflow.db` then open http://127.0.0.1:5000"]
     return "\n".join(lines)

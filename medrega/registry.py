@@ -13,11 +13,17 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from medrega.errors import BadInput, Transient
+
 METRIC_PREFIX = "metric."
 
 
-class PromotionError(ValueError):
+class PromotionError(BadInput):
     """A promotion or rollback request that cannot be carried out (no challenger, no reason...)."""
+
+
+class RegistryUnavailable(Transient):
+    """The registry did not answer (or answered with a server error): no decision can be taken."""
 
 
 @dataclass
@@ -83,13 +89,38 @@ def version_metrics(tags: dict[str, str]) -> dict[str, float]:
     return out
 
 
+# what the registry says when a model or alias simply does not exist (SQLite store and server)
+_ABSENT = {"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"}
+
+
 def _alias_version(client, name: str, alias: str):
+    """The version holding `alias`, or None when the model or alias does not exist. Any other
+    failure (unreachable server, 5xx) is RegistryUnavailable: "no champion" must never be assumed
+    from an error, or a challenger would become champion without passing the gate."""
     from mlflow.exceptions import MlflowException
 
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
-        return None
+    except MlflowException as err:
+        if err.error_code in _ABSENT:
+            return None
+        raise RegistryUnavailable(f"model registry: cannot read alias {alias!r} of {name!r} ({err.error_code}: "
+                                  f"{err.message.splitlines()[0] if err.message else err})") from None
+    except Exception as err:  # noqa: BLE001 - connection errors surface as requests/OS errors too
+        raise RegistryUnavailable(f"model registry: cannot read alias {alias!r} of {name!r} "
+                                  f"({type(err).__name__}: {err})") from None
+
+
+def _version(client, name: str, version: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, version)
+    except MlflowException as err:
+        if err.error_code in _ABSENT:
+            raise PromotionError(f"model {name!r} has no version {version}") from None
+        raise RegistryUnavailable(f"model registry: cannot read version {version} of {name!r} ({err.error_code})") \
+            from None
 
 
 def _now() -> str:
@@ -106,7 +137,7 @@ def promote(client, name: str, gates: list[str], tolerance: float, *, challenger
     if override_reason is not None and not override_reason.strip():
         raise PromotionError("a manual override needs a reason (--reason)")
     if version is not None:
-        candidate = client.get_model_version(name, str(version))
+        candidate = _version(client, name, str(version))
     else:
         candidate = _alias_version(client, name, challenger_alias)
         if candidate is None:
@@ -155,7 +186,7 @@ def rollback(client, name: str, *, champion_alias: str = "champion", to: str | N
     target = str(to) if to is not None else current.tags.get("promotion.previous_champion", "none")
     if target in ("", "none"):
         raise PromotionError(f"version {current.version} has no previous {champion_alias}; name one with --to")
-    client.get_model_version(name, target)  # fails clearly if it does not exist
+    _version(client, name, target)  # fails clearly if it does not exist
     client.set_registered_model_alias(name, champion_alias, target)
     stamp = _now()
     client.set_model_version_tag(name, current.version, "promotion.rolled_back", f"{stamp}: {reason}")

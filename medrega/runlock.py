@@ -25,12 +25,14 @@ from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
+from medrega.errors import Transient
+
 LOCK_FILE = Path(".medrega/run.lock")
 TIMEOUT_ENV = "MEDREGA_LOCK_TIMEOUT"
 DEFAULT_TIMEOUT = 6 * 3600.0
 
 
-class LockBusy(RuntimeError):
+class LockBusy(Transient):
     """Another run held the workspace lock for longer than we were willing to wait."""
 
 

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+from medrega.errors import BadInput
 
 COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa"]
 
 
-class ScanError(ValueError):
+class ScanError(BadInput):
     """The file is not a PNG, JPEG or DICOM image we can read."""
 
 

@@ -16,12 +16,10 @@ from typing import Any
 
 import yaml
 
-from medrega import runlock, storage, tracking
-
-STAGES = ("validate", "materialize", "align", "tune", "evaluate", "register")
-# the file each stage writes last with its headline figures (the flow's artifacts read the same)
-SUMMARY_FILES = {"validate": "report.json", "materialize": "summary.json", "align": "train_summary.json",
-                 "tune": "train_summary.json", "evaluate": "metrics.json", "register": "registered.json"}
+from medrega import errors, runlock, storage, tracking
+from medrega.config import Config
+from medrega.stages import NAMES as STAGES
+from medrega.stages import RESULT_FILE, out_dir
 
 
 def _when(ts_ms: float | None) -> str | None:
@@ -30,7 +28,7 @@ def _when(ts_ms: float | None) -> str | None:
     return datetime.fromtimestamp(ts_ms / 1000, timezone.utc).isoformat(timespec="seconds")
 
 
-def stages(params: dict[str, Any], cwd: Path) -> dict[str, dict[str, Any]]:
+def stages(cfg: Config, cwd: Path) -> dict[str, dict[str, Any]]:
     lock_path = cwd / "dvc.lock"
     lock = (yaml.safe_load(lock_path.read_text()) or {}).get("stages", {}) if lock_path.exists() else {}
     proc = storage.dvc("status", "--json", cwd=cwd, check=False)
@@ -40,7 +38,7 @@ def stages(params: dict[str, Any], cwd: Path) -> dict[str, dict[str, Any]]:
         changed = None
     out = {}
     for stage in STAGES:
-        summary = cwd / params[stage]["out"] / SUMMARY_FILES[stage]
+        summary = cwd / out_dir(cfg, stage) / RESULT_FILE
         entry: dict[str, Any] = {"in_dvc_lock": stage in lock}
         if stage in lock:
             entry["outs"] = {o["path"]: o.get("md5") for o in lock[stage].get("outs", [])}
@@ -48,11 +46,14 @@ def stages(params: dict[str, Any], cwd: Path) -> dict[str, dict[str, Any]]:
                           else "changed" if stage in changed else "up to date" if stage in lock else "never run")
         if summary.exists():
             entry["last_written"] = datetime.fromtimestamp(summary.stat().st_mtime, timezone.utc).isoformat(timespec="seconds")
+        failure = errors.read_failure(stage, cwd)
+        if failure:
+            entry["last_failure"] = f"{failure['kind']}: {failure['message'].splitlines()[0]}"
         out[stage] = entry
     return out
 
 
-def mlflow_view(params: dict[str, Any]) -> dict[str, Any]:
+def mlflow_view(cfg: Config) -> dict[str, Any]:
     """Latest pipeline run, latest run per stage, champion and challenger."""
     import mlflow
 
@@ -77,11 +78,11 @@ def mlflow_view(params: dict[str, Any]) -> dict[str, Any]:
                 if rs:
                     view["stages"][stage] = {"status": rs[0].info.status, "started": _when(rs[0].info.start_time),
                                              "run_id": rs[0].info.run_id}
-        cfg = params["register"]
+        reg = cfg.register_
         view["registry"] = {}
-        for alias in (cfg["champion_alias"], cfg["alias"]):
+        for alias in (reg.champion_alias, reg.alias):
             try:
-                mv = client.get_model_version_by_alias(cfg["model_name"], alias)
+                mv = client.get_model_version_by_alias(reg.model_name, alias)
                 view["registry"][alias] = {"version": mv.version, "created": _when(mv.creation_timestamp), "run_id": mv.run_id}
             except Exception:  # noqa: BLE001 - no such model or alias yet
                 view["registry"][alias] = None
@@ -90,18 +91,18 @@ def mlflow_view(params: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def gather(params: dict[str, Any], cwd: Path = Path("."), remote: bool = True) -> dict[str, Any]:
+def gather(cfg: Config, cwd: Path = Path("."), remote: bool = True) -> dict[str, Any]:
     cwd = Path(cwd)
     lock_file = cwd / runlock.LOCK_FILE
     running = runlock.is_held(lock_file)
-    report: dict[str, Any] = {"profile": params["profile"],
+    report: dict[str, Any] = {"profile": cfg.profile,
                               "run_in_progress": runlock.describe(runlock.holder(lock_file)) if running else None}
     if running:
         # DVC's own repo lock is held by the running pipeline; asking DVC now would only fail
         report["stages"] = {s: {"state": "run in progress"} for s in STAGES}
     else:
-        report["stages"] = stages(params, cwd)
-    report["mlflow"] = mlflow_view(params)
+        report["stages"] = stages(cfg, cwd)
+    report["mlflow"] = mlflow_view(cfg)
     name, url = storage.default_remote(cwd)
     report["remote"] = {"name": name, "url": url}
     if remote and name and not running:
@@ -125,7 +126,8 @@ def render(report: dict[str, Any]) -> str:
         run = (ml.get("stages") or {}).get(stage)
         mlrun = f"; last MLflow run {run['status']} {run['started']}" if run else ""
         written = f"; output written {s['last_written']}" if s.get("last_written") else ""
-        lines.append(f"  {stage:<12} {s['state']}{written}{mlrun}")
+        failed = f"; last failure {s['last_failure']}" if s.get("last_failure") else ""
+        lines.append(f"  {stage:<12} {s['state']}{written}{mlrun}{failed}")
     reg = ml.get("registry") or {}
     for alias, mv in reg.items():
         lines.append(f"registry {alias}: " + (f"version {mv['version']} (created {mv['created']})" if mv else "none"))

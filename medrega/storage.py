@@ -14,8 +14,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from medrega.errors import BadInput
 
-class StorageError(ValueError):
+
+class StorageError(BadInput):
     """A DVC remote command failed (bad option, unreachable remote...)."""
 
 

@@ -55,8 +55,11 @@ def setup() -> str:
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested sections (dicts or config models) as `a.b.c` -> text, for MLflow params."""
     out: dict[str, str] = {}
     for key, value in d.items():
+        if hasattr(value, "model_dump"):
+            value = value.model_dump(mode="json", by_alias=True)
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(flatten(value, name + "."))

@@ -14,10 +14,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from medrega import metafile
+from medrega.errors import BadInput
 from model.processor import IGNORE_INDEX, MedRegAProcessor, TooLong
 
 
-class DataError(ValueError):
+class DataError(BadInput):
     """A meta file or annotation file cannot be used for training."""
 
 
@@ -29,13 +31,16 @@ class Item:
 
 
 def read_meta(meta_file: Path, tasks: list[str] | None = None) -> list[tuple[str, dict]]:
-    meta = json.loads(Path(meta_file).read_text(encoding="utf-8"))
-    entries = sorted(meta.items())
-    if tasks is not None:
-        entries = [(name, e) for name, e in entries if name.split("_")[0] in tasks]
+    """The meta file's entries for `tasks` (paths resolved against its folder); none is an error."""
+    entries = metafile.read(meta_file, tasks)
     if not entries:
         raise DataError(f"{meta_file}: no datasets for tasks {tasks}")
     return entries
+
+
+def annotation_files(meta_file: Path) -> list[Path]:
+    """Every annotation file a meta file registers (what a training run reads besides images)."""
+    return [Path(entry["annotation"]) for _, entry in read_meta(meta_file)]
 
 
 def iter_records(meta_file: Path, tasks: list[str] | None = None, seed: int = 0):

@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from transformers import InternVLForConditionalGeneration
 
+from medrega.grammar import IM_END
 from model.processor import MedRegAProcessor
 
 
@@ -54,9 +55,9 @@ class Generator:
             out = self.model.generate(
                 input_ids=ids.to(device), attention_mask=mask.to(device), pixel_values=pixels,
                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1, use_cache=True,
-                pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id, eos_token_id=self.processor.answer_end_id,
             )
             for r, i in enumerate(rows):
-                answers[i] = tok.decode(out[r, width:], skip_special_tokens=False).split(tok.eos_token)[0]
+                answers[i] = tok.decode(out[r, width:], skip_special_tokens=False).split(IM_END)[0]
                 answers[i] = answers[i].replace(tok.pad_token, "").strip()
         return answers

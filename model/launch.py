@@ -1,26 +1,30 @@
 """Launchers for distributed training: torchrun on this machine, or a Slurm batch job.
 
-Both run the same worker, `python -m model.train`, on every rank. The local launcher is what
+Both run the same worker, `python -m model.recipes.tune`, on every rank, handing it the resolved
+config file the stage was given (every rank reads that file, never params.yaml). The local launcher is what
 the tiny profile uses (two CPU ranks, gloo); the Slurm launcher writes an sbatch script with
 `srun torchrun` and a c10d rendezvous on the first node, submits it and waits.
 """
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+
+from medrega.config import LauncherConfig
+from medrega.errors import BadInput, MedregaError
 
 
-class LaunchFailed(RuntimeError):
+class LaunchFailed(MedregaError):
     """The training job exited non-zero; the message carries the tail of its log."""
 
 
-def worker_args(stage: str, params_file: Path, meta: Path, base: Path, out: Path) -> list[str]:
-    return ["-m", "model.train", stage, "--params", str(params_file), "--meta", str(meta),
+def worker_args(config: Path, meta: Path, base: Path, out: Path) -> list[str]:
+    return ["-m", "model.recipes.tune", "--config", str(config), "--meta", str(meta),
             "--base", str(base), "--out", str(out)]
 
 
@@ -39,9 +43,9 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def run_local(launcher: dict[str, Any], args: list[str], log_file: Path) -> None:
-    nproc = int(launcher.get("nproc_per_node", 1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
+def run_local(launcher: LauncherConfig, args: list[str], log_file: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launcher.nproc_per_node}",
+           *args]
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with log_file.open("w") as log:
         log.write("$ " + shlex.join(cmd) + "\n")
@@ -54,17 +58,30 @@ def run_local(launcher: dict[str, Any], args: list[str], log_file: Path) -> None
             sys.stdout.write(line)
         code = proc.wait()
     if code != 0:
-        raise_data_error(log_file)
-        raise LaunchFailed(f"torchrun exited {code}; last lines of {log_file}:\n{tail(log_file)}")
+        raise diagnosis(log_file, f"torchrun exited {code}")
 
 
-def raise_data_error(log_file: Path) -> None:
-    """A rank that stopped on bad input: re-raise it as such, so it is not retried."""
-    from model.data import DataError
+_RAISED = re.compile(r"^(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Failed|Refused|Input|Busy)): (?P<msg>.+)$")
 
-    for line in tail(log_file, 200).splitlines():
-        if line.startswith("model.data.DataError: "):
-            raise DataError(line.split(": ", 1)[1])
+
+def diagnosis(log_file: Path, what: str) -> MedregaError:
+    """What a failed job's ranks raised, as the error to raise here: a rank that stopped on bad
+    input (any medrega BadInput, e.g. DataError, ConfigError) stays bad input, so it is not
+    retried; anything else is LaunchFailed naming the rank's own error before the log's tail."""
+    import importlib
+
+    raised = [m for m in map(_RAISED.match, tail(log_file, 400).splitlines())
+              if m and not m["cls"].endswith("ChildFailedError")]
+    for m in raised:
+        module, _, name = m["cls"].rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module), name) if module.startswith(("medrega", "model")) else None
+        except (ImportError, AttributeError):
+            cls = None
+        if isinstance(cls, type) and issubclass(cls, BadInput):
+            return BadInput(m["msg"])
+    first = f"\nfirst error: {raised[0]['cls']}: {raised[0]['msg']}" if raised else ""
+    return LaunchFailed(f"{what}{first}\nlast lines of {log_file}:\n{tail(log_file)}")
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -74,27 +91,26 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_file: Path) -> str:
+def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_file: Path) -> str:
     """A batch script: one task per node, each running torchrun for that node's GPUs."""
-    nodes = int(launcher.get("nnodes", 1))
-    gpus = int(launcher.get("nproc_per_node", 1))
-    cpu_only = launcher.get("backend", "nccl") == "gloo"
+    nodes, gpus = launcher.nnodes, launcher.nproc_per_node
+    cpu_only = launcher.backend == "gloo"
     # a CPU job needs one core per rank; a GPU job some data-loader cores per GPU
-    cpus = launcher.get("cpus_per_task") or (gpus if cpu_only else 8 * gpus)
+    cpus = launcher.cpus_per_task or (gpus if cpu_only else 8 * gpus)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={launcher.get('job_name', 'medrega-tune')}",
+        f"#SBATCH --job-name={launcher.job_name}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={cpus}",
         f"#SBATCH --output={log_file}",
-        f"#SBATCH --time={launcher.get('time', '48:00:00')}",
+        f"#SBATCH --time={launcher.time}",
     ]
     if not cpu_only:
         lines.append(f"#SBATCH --gpus-per-node={gpus}")
     for key in ("partition", "account", "qos"):
-        if launcher.get(key):
-            lines.append(f"#SBATCH --{key}={launcher[key]}")
+        if getattr(launcher, key):
+            lines.append(f"#SBATCH --{key}={getattr(launcher, key)}")
     lines += [
         "set -euo pipefail",
         f"cd {shlex.quote(str(workdir))}",
@@ -102,13 +118,13 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
         # rendezvous on the address Slurm itself uses for that node (a node name need not resolve)
         'head_addr=$(scontrol show node "$head_node" | sed -n "s/.*NodeAddr=\\([^ ]*\\).*/\\1/p")',
         'head_addr=${head_addr:-$head_node}',
-        f"export MASTER_PORT={launcher.get('port', 29500)}",
+        f"export MASTER_PORT={launcher.port}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
     ]
     if cpu_only:
         lines.append("export DS_ACCELERATOR=cpu")
     torchrun = [
-        shlex.quote(launcher.get("python", sys.executable)), "-m", "torch.distributed.run",
+        shlex.quote(launcher.python or sys.executable), "-m", "torch.distributed.run",
         f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
         "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
         *(shlex.quote(a) for a in args),
@@ -117,7 +133,7 @@ def sbatch_script(launcher: dict[str, Any], args: list[str], workdir: Path, log_
     return "\n".join(lines) + "\n"
 
 
-def run_slurm(launcher: dict[str, Any], args: list[str], log_file: Path, poll_s: float = 2.0,
+def run_slurm(launcher: LauncherConfig, args: list[str], log_file: Path, poll_s: float = 2.0,
               on_line=print) -> str:
     """Submit, stream the job's log, and raise LaunchFailed with the job's error if it fails."""
     script = log_file.with_suffix(".sbatch")
@@ -139,8 +155,7 @@ def run_slurm(launcher: dict[str, Any], args: list[str], log_file: Path, poll_s:
         if state in {"COMPLETED"}:
             return job
         if state in {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}:
-            raise_data_error(log_file)
-            raise LaunchFailed(f"Slurm job {job} ended {state}; last lines of {log_file}:\n{tail(log_file)}")
+            raise diagnosis(log_file, f"Slurm job {job} ended {state}")
         time.sleep(poll_s)
 
 
@@ -157,11 +172,5 @@ def job_state(job: str) -> str:
     return (a.stdout.split() or ["UNKNOWN"])[0]
 
 
-def launch(launcher: dict[str, Any], args: list[str], log_file: Path) -> None:
-    kind = launcher.get("kind", "local")
-    if kind == "local":
-        run_local(launcher, args, log_file)
-    elif kind == "slurm":
-        run_slurm(launcher, args, log_file)
-    else:
-        raise ValueError(f"params.yaml: tune.launcher.kind must be 'local' or 'slurm', not {kind!r}")
+def launch(launcher: LauncherConfig, args: list[str], log_file: Path) -> None:
+    (run_slurm if launcher.kind == "slurm" else run_local)(launcher, args, log_file)

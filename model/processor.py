@@ -3,6 +3,7 @@
 Kept independent of transformers' InternVLProcessor, whose video half imports torchvision
 (which does not load beside this torch build); the token layout is the same: one tile,
 `<img>` + N `<IMG_CONTEXT>` + `</img>`, N = (image_size / patch_size)^2 * downsample_ratio^2.
+Prompts are framed by the tokenizer's own chat template (medrega.grammar for the text inside).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
-from model.chat import answer_text, prompt_text
+from medrega.grammar import IM_END, expand_image, user_text
 
 IGNORE_INDEX = -100
 CONFIG_NAME = "medrega_processor.json"
@@ -58,7 +59,16 @@ class MedRegAProcessor:
 
     # -- text ---------------------------------------------------------------------------
     def prompt(self, question: str, base_prompt: str | None) -> str:
-        return prompt_text(question, base_prompt, self.config.num_image_tokens, self.config.system_prompt)
+        """The full prompt up to and including the assistant header (generation starts after it)."""
+        user = expand_image(user_text(question, base_prompt), self.config.num_image_tokens)
+        system = [{"role": "system", "content": self.config.system_prompt}] if self.config.system_prompt else []
+        return self.tokenizer.apply_chat_template(system + [{"role": "user", "content": user}], tokenize=False,
+                                                  add_generation_prompt=True)
+
+    @property
+    def answer_end_id(self) -> int:
+        """Where an answer ends (ChatML's turn end): the training target's last token, generation's stop."""
+        return self.tokenizer.convert_tokens_to_ids(IM_END)
 
     def encode_prompt(self, question: str, base_prompt: str | None) -> list[int]:
         return self.tokenizer(self.prompt(question, base_prompt), add_special_tokens=False)["input_ids"]
@@ -66,7 +76,7 @@ class MedRegAProcessor:
     def encode_example(self, question: str, answer: str, base_prompt: str | None) -> dict[str, list[int]]:
         """Token ids and labels; only the answer (and its end token) carries loss."""
         prompt_ids = self.encode_prompt(question, base_prompt)
-        answer_ids = self.tokenizer(answer_text(answer), add_special_tokens=False)["input_ids"]
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"] + [self.answer_end_id]
         total = len(prompt_ids) + len(answer_ids)
         if total > self.config.max_length:
             # Never truncate silently: a cut answer teaches a wrong box.
@@ -84,10 +94,13 @@ class MedRegAProcessor:
         (out_dir / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2), encoding="utf-8")
 
     @classmethod
-    def from_pretrained(cls, model_dir: str | Path) -> "MedRegAProcessor":
+    def from_pretrained(cls, model_dir: str | Path, max_length: int | None = None) -> "MedRegAProcessor":
+        """`max_length` (the profile's) wins over the saved one."""
         model_dir = Path(model_dir)
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(model_dir))
         tokenizer.padding_side = "left"
         raw = json.loads((model_dir / CONFIG_NAME).read_text(encoding="utf-8"))
         raw["mean"], raw["std"] = tuple(raw["mean"]), tuple(raw["std"])
+        if max_length is not None:
+            raw["max_length"] = max_length
         return cls(tokenizer, ProcessorConfig(**raw))

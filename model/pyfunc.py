@@ -98,7 +98,7 @@ class MedRegAModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(self.base_prompts.pop("_max_new_tokens", 64))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from model.boxes import decode_box, parse_regions
+        from medrega.grammar import decode_box, parse_regions
         from model.infer import Query
 
         if not isinstance(model_input, pd.DataFrame):

@@ -7,23 +7,11 @@ and a model learns numbers far faster when every digit is its own token.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
-REGION_TOKENS = ("<ref>", "</ref>", "<box>", "</box>")
-SPECIAL_TOKENS = (PAD, IM_START, IM_END, IMG_START, IMG_END, IMG_CONTEXT, *REGION_TOKENS)
-
-# ChatML, the format of InternVL 1.2's Hermes-2 language model.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from medrega.grammar import CHAT_TEMPLATE, IM_END, PAD, SPECIAL_TOKENS
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 2) -> PreTrainedTokenizerFast:
@@ -49,7 +37,3 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, min_frequency: int = 
     tok.chat_template = CHAT_TEMPLATE
     tok.padding_side = "left"  # decoder-only generation pads on the left
     return tok
-
-
-def save_tokenizer(tok: PreTrainedTokenizerFast, out_dir: Path) -> None:
-    tok.save_pretrained(str(out_dir))

@@ -1,20 +1,23 @@
-"""Stage 1, alignment: build the base model and train only its MLP projector on captions.
+"""Stage 1, alignment: build the base model, then train only its MLP projector on captions.
 
 For the `tiny` preset the base is made here: a bilingual BPE tokenizer trained on the
-instruction corpus and a randomly initialised InternVL. Real presets load their checkpoint
-and its tokenizer. Output: `out_dir/model` (HF format, with tokenizer and processor config).
+instruction corpus and a randomly initialised InternVL, pretrained briefly (model/recipes/
+pretrain.py) to stand in for a downloaded checkpoint. Real presets load their checkpoint and its
+tokenizer. Output: `out_dir/model` (HF format, with tokenizer and processor config).
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from medrega import tracking
+from medrega.config import Config
+from medrega.grammar import SPECIAL_TOKENS
 from model.data import iter_records
-from model.presets import build_model, num_image_tokens
+from model.presets import build_model
 from model.processor import MedRegAProcessor, ProcessorConfig
-from model.tokenizer import SPECIAL_TOKENS, train_tokenizer
-from model.train import train_stage
+from model.recipes import align as align_recipe
+from model.recipes import pretrain as pretrain_recipe
+from model.tokenizer import train_tokenizer
 
 
 def corpus(meta_file: Path):
@@ -29,28 +32,24 @@ def corpus(meta_file: Path):
             yield turn["value"]
 
 
-def load_tokenizer(params: dict[str, Any], meta_file: Path):
-    cfg = params["model"]
-    if cfg["preset"] == "tiny":
-        return train_tokenizer(corpus(meta_file), params["tokenizer"]["vocab_size"], params["tokenizer"]["min_frequency"])
+def load_tokenizer(cfg: Config, meta_file: Path):
+    if cfg.model.preset == "tiny":
+        return train_tokenizer(corpus(meta_file), cfg.tokenizer.vocab_size, cfg.tokenizer.min_frequency)
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(cfg["checkpoint"])
+    tok = AutoTokenizer.from_pretrained(cfg.model.checkpoint)
     missing = [t for t in SPECIAL_TOKENS if t not in tok.get_vocab()]
     if missing:
         tok.add_special_tokens({"additional_special_tokens": missing})
     return tok
 
 
-def build_base(params: dict[str, Any], meta_file: Path, base_dir: Path) -> MedRegAProcessor:
-    cfg = params["model"]
-    tokenizer = load_tokenizer(params, meta_file)
-    processor = MedRegAProcessor(
-        tokenizer,
-        ProcessorConfig(image_size=cfg["image_size"], num_image_tokens=num_image_tokens(cfg),
-                        max_length=cfg["max_length"], system_prompt=cfg.get("system_prompt")),
-    )
-    model = build_model(cfg, tokenizer, seed=params["seed"])
+def build_base(cfg: Config, meta_file: Path, base_dir: Path) -> MedRegAProcessor:
+    m = cfg.model
+    tokenizer = load_tokenizer(cfg, meta_file)
+    processor = MedRegAProcessor(tokenizer, ProcessorConfig(image_size=m.image_size, num_image_tokens=m.num_image_tokens,
+                                                            max_length=m.max_length, system_prompt=m.system_prompt))
+    model = build_model(m, tokenizer, seed=cfg.seed)
     if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
     model.save_pretrained(str(base_dir))
@@ -58,31 +57,24 @@ def build_base(params: dict[str, Any], meta_file: Path, base_dir: Path) -> MedRe
     return processor
 
 
-def pretrain(params: dict[str, Any], meta_file: Path, base_dir: Path, out_dir: Path) -> Path:
-    """The phases of `model.base_pretrain`, each from the weights the one before it wrote."""
-    cfg = params["model"].get("base_pretrain") or {}
-    common = {k: v for k, v in cfg.items() if k != "phases"}
-    for i, phase in enumerate(cfg.get("phases") or [], start=1):
-        phase_cfg = {**common, **phase}
-        if phase_cfg.get("max_steps", 0) <= 0:
-            continue
+def pretrain(cfg: Config, meta_file: Path, base_dir: Path, out_dir: Path) -> Path:
+    """The phases of `pretrain.phases`, each from the weights the one before it wrote."""
+    for i, phase in enumerate(cfg.pretrain.phases, start=1):
         phase_dir = out_dir / f"phase-{i}"
-        tracking.log_training(train_stage("base", params, meta_file, base_dir, phase_dir, cfg=phase_cfg),
-                              prefix=f"pretrain-{i}")
+        summary = pretrain_recipe.run(cfg, phase, meta_file, base_dir, phase_dir)
+        tracking.log_training(summary, prefix=f"pretrain-{i}")
         base_dir = phase_dir / "model"
     return base_dir
 
 
-def align(instructions_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
+def align(instructions_dir: Path, out_dir: Path, cfg: Config) -> dict:
     meta_file = Path(instructions_dir) / "meta_file.json"
     out_dir = Path(out_dir)
     base_dir = out_dir / "base"
-    with tracking.stage_run("align", {"align": params["align"], "model": params["model"]}):
-        build_base(params, meta_file, base_dir)
-        if params["model"]["preset"] == "tiny":
-            # Real presets start from a pretrained InternVL; the tiny preset has nothing to
-            # download, so a short full pretraining on the train split stands in for one.
-            base_dir = pretrain(params, meta_file, base_dir, out_dir / "pretrain")
-        summary = train_stage("align", params, meta_file, base_dir, out_dir)
+    with tracking.stage_run("align", {"align": cfg.align, "model": cfg.model, "pretrain": cfg.pretrain}):
+        build_base(cfg, meta_file, base_dir)
+        if cfg.model.preset == "tiny":
+            base_dir = pretrain(cfg, meta_file, base_dir, out_dir / "pretrain")
+        summary = align_recipe.run(cfg, meta_file, base_dir, out_dir)
         tracking.log_training(summary)
     return summary

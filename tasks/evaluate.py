@@ -7,12 +7,12 @@ task, language, modality, setting), `metrics.json` (headline figures, read by
 """
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 from typing import Any
 
 from medrega import io, tracking
+from medrega.config import Config, EvaluateConfig
 from medrega.metrics import html, plugins
 from medrega.metrics.report import find_wordnet
 from medrega.metrics.scoring import TASKS, Scorer, headline, model_texts, score_samples, summarise
@@ -45,28 +45,22 @@ def test_items(meta_test: Path, tasks: list[str], max_per_task: int, seed: int =
     return items
 
 
-def scorer(cfg: dict[str, Any]) -> Scorer:
-    match = names_match_lenient if cfg.get("name_match") == "lenient" else names_match
-    return Scorer(match, cfg["iou_threshold"], find_wordnet(cfg.get("wordnet_dir")))
+def scorer(cfg: EvaluateConfig) -> Scorer:
+    match = names_match_lenient if cfg.name_match == "lenient" else names_match
+    return Scorer(match, cfg.iou_threshold, find_wordnet(cfg.wordnet_dir))
 
 
-def score(items: list[dict[str, Any]], cfg: dict[str, Any]) -> dict[str, Any]:
-    s = scorer(cfg)
-    loaded = plugins.load_plugins(cfg.get("plugins"))
-    return summarise(score_samples(items, scorer=s), s, plugins.compute(loaded, model_texts(items)))
-
-
-def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dict[str, Any]) -> dict[str, Any]:
-    cfg = params["evaluate"]
+def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, config: Config) -> dict[str, Any]:
+    cfg = config.evaluate
     out_dir = Path(out_dir)
-    tasks = [t for t in (cfg.get("tasks") or params["materialize"]["tasks"]) if t in TASKS]
-    items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg["max_samples_per_task"], params["seed"])
-    loaded = plugins.load_plugins(cfg.get("plugins"))  # a requested plug-in that cannot load fails before generation
+    loaded = plugins.load_plugins(cfg.plugins)  # a requested plug-in that cannot load fails before anything
+    tasks = [t for t in (cfg.tasks or config.materialize.tasks) if t in TASKS]
+    items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg.max_samples_per_task, config.seed)
     with tracking.stage_run("evaluate", {"evaluate": cfg}):
         generator = Generator.from_pretrained(model_dir)
         predictions = generator.generate(
             [Query(Path(i["image"]), i["question"], i["base_prompt"]) for i in items],
-            batch_size=cfg["batch_size"], max_new_tokens=cfg["max_new_tokens"],
+            batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
         )
         for item, prediction in zip(items, predictions):
             item["prediction"] = prediction
@@ -75,10 +69,10 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, params: dic
         samples = score_samples(items, scorer=s)
         metrics = summarise(samples, s, plugins.compute(loaded, model_texts(items)))
         flat = headline(metrics)
-        io.write_text(out_dir / "answers.jsonl", "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+        io.write_jsonl(out_dir / "answers.jsonl", items)
         io.write_json(out_dir / "breakdown.json", metrics)
         io.write_json(out_dir / "metrics.json", flat)
-        io.write_text(out_dir / "report.html", html.render(metrics, items, samples, gallery=cfg.get("gallery", 12)))
+        io.write_text(out_dir / "report.html", html.render(metrics, items, samples, gallery=cfg.gallery))
         import mlflow
 
         tracking.log_task_metrics(flat)

@@ -23,9 +23,13 @@ import yaml
 from PIL import Image
 
 from medrega import io, tracking
-from medrega.records.templates import BASE_PROMPTS
+from medrega.config import Config
+from medrega.errors import BadInput
+from medrega.grammar import BASE_PROMPTS
 
-MODEL_DIR = Path(__file__).resolve().parent.parent / "model"
+REPO = Path(__file__).resolve().parent.parent
+# the served model's code: the network package and the text format it reads and writes
+CODE_PATHS = [REPO / "model", REPO / "medrega"]
 
 
 def git_commit() -> str:
@@ -71,18 +75,18 @@ def flat_metrics(eval_dir: Path) -> dict[str, float]:
     return out
 
 
-def lineage_hashes(params: dict[str, Any], lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
+def lineage_hashes(cfg: Config, lock_file: Path = Path("dvc.lock")) -> dict[str, str]:
     """The DVC hashes of the dataset and of the tuned checkpoint this model came from."""
     out = {"dvc.dataset": "", "dvc.checkpoint": ""}
     if not lock_file.exists():
         return out
     stages = (yaml.safe_load(lock_file.read_text()) or {}).get("stages") or {}
-    data_root = str(params["data"]["root"]).rstrip("/")
+    data_root = str(cfg.data.root).rstrip("/")
     for dep in (stages.get("validate") or {}).get("deps", []):
         if dep.get("path", "").rstrip("/") == data_root:
             out["dvc.dataset"] = dep.get("md5", "")
     for o in (stages.get("tune") or {}).get("outs", []):
-        if o.get("path", "").rstrip("/") == str(params["tune"]["out"]).rstrip("/"):
+        if o.get("path", "").rstrip("/") == str(cfg.tune.out).rstrip("/"):
             out["dvc.checkpoint"] = o.get("md5", "")
     return out
 
@@ -99,11 +103,10 @@ def signature():
     )
 
 
-def model_card(params: dict[str, Any], metrics: dict[str, float], lineage: dict[str, str],
-               instructions_dir: Path | None) -> str:
+def model_card(cfg: Config, metrics: dict[str, float], lineage: dict[str, str], instructions_dir: Path | None) -> str:
     """Markdown: data mix, training settings, metrics tables, known limits."""
-    t, m = params["tune"], params["model"]
-    lines = [f"# {params['register']['model_name']}: MedRegA ({params['profile']} profile)", "",
+    t, m = cfg.tune, cfg.model
+    lines = [f"# {cfg.register_.model_name}: MedRegA ({cfg.profile} profile)", "",
              "Region-aware bilingual (English/Chinese) medical multimodal LLM. Input: an image and a question;",
              "output: the answer text and the regions it names, as boxes in pixels of the input image.", "",
              "## Lineage", ""]
@@ -121,13 +124,14 @@ def model_card(params: dict[str, Any], metrics: dict[str, float], lineage: dict[
     else:
         lines.append("| (meta_file.json not available) | | | |")
     lines += ["", "## Training", "",
-              f"- base: preset `{m['preset']}`{', checkpoint `' + str(m['checkpoint']) + '`' if m.get('checkpoint') else ''}, "
-              f"{m['image_size']} px images, max length {m['max_length']}",
-              f"- stage 1 (align): projector only, {params['align'].get('max_steps')} steps, lr {params['align']['learning_rate']}",
-              f"- stage 2 (tune): mode `{t['mode']}`" + (f" (LoRA r={t['lora']['r']}, alpha={t['lora']['alpha']}, dropout={t['lora']['dropout']})" if t["mode"] == "lora" else "")
-              + f", {t.get('max_steps')} steps, lr {t['learning_rate']} {t['lr_scheduler']}, weight decay {t['weight_decay']}, "
-              f"DeepSpeed ZeRO-{t['deepspeed']['zero_stage']}, {t['launcher']['nnodes']}x{t['launcher']['nproc_per_node']} ranks",
-              f"- weights shipped: `{params['register'].get('weights', 'merged')}`", "",
+              f"- base: preset `{m.preset}`{', checkpoint `' + str(m.checkpoint) + '`' if m.checkpoint else ''}, "
+              f"{m.image_size} px images, max length {m.max_length}",
+              f"- stage 1 (align): projector only, {cfg.align.max_steps} steps, lr {cfg.align.learning_rate}",
+              f"- stage 2 (tune): mode `{t.mode}`" + (f" (LoRA r={t.lora.r}, alpha={t.lora.alpha}, dropout={t.lora.dropout})" if t.mode == "lora" else "")
+              + f", {t.max_steps} steps, lr {t.learning_rate} {t.lr_scheduler}, weight decay {t.weight_decay}, "
+              + (f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}, " if t.deepspeed else "no DeepSpeed, ")
+              + f"{t.launcher.nnodes}x{t.launcher.nproc_per_node} ranks",
+              f"- weights shipped: `{cfg.register_.weights}`", "",
               "## Evaluation (held-out patients; precision/recall in the standard sense)", ""]
     tasks = sorted({k.split(".")[0] for k in metrics})
     for task in tasks:
@@ -148,67 +152,64 @@ def model_card(params: dict[str, Any], metrics: dict[str, float], lineage: dict[
     return "\n".join(lines) + "\n"
 
 
-def register(model_dir: Path, eval_dir: Path, out_dir: Path, params: dict[str, Any],
+def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
              example_image: Path | None = None, adapter_dir: Path | None = None,
              base_dir: Path | None = None, instructions_dir: Path | None = None) -> dict[str, Any]:
     import mlflow
 
     from model.pyfunc import MedRegAModel
 
-    cfg = params["register"]
-    weights = cfg.get("weights", "merged")
+    cfg = config.register_
+    weights = cfg.weights
     metrics = flat_metrics(eval_dir)
     out_dir = Path(out_dir)
-    prompts = {task: dict(langs) for task, langs in BASE_PROMPTS.items()}
-    prompts["_max_new_tokens"] = params["evaluate"]["max_new_tokens"]
+    prompts: dict[str, Any] = {task: dict(langs) for task, langs in BASE_PROMPTS.items()}
+    prompts["_max_new_tokens"] = config.evaluate.max_new_tokens
     staging = out_dir / "staging"
-    staging.mkdir(parents=True, exist_ok=True)
-    (staging / "base_prompts.json").write_text(json.dumps(prompts, ensure_ascii=False))
-    (staging / "params.json").write_text(json.dumps(params, ensure_ascii=False, indent=2, default=str))
+    io.write_json(staging / "base_prompts.json", prompts)
+    io.write_json(staging / "params.json", config.as_dict())
     if weights == "adapter":
-        adapter_dir = Path(adapter_dir or Path(params["tune"]["out"]) / "adapter")
-        base_dir = Path(base_dir or Path(params["align"]["out"]) / "model")
+        adapter_dir = Path(adapter_dir or config.tune.out / "adapter")
+        base_dir = Path(base_dir or config.align.out / "model")
         for path in (adapter_dir, base_dir):
             if not path.is_dir():
-                raise FileNotFoundError(f"{path}: needed for register.weights=adapter")
+                raise BadInput(f"{path}: needed for register.weights=adapter")
         weight_artifacts = {"base": str(base_dir), "adapter": str(adapter_dir)}
-    elif weights == "merged":
-        weight_artifacts = {"model": str(model_dir)}
     else:
-        raise ValueError(f"register.weights must be merged or adapter, got {weights!r}")
+        weight_artifacts = {"model": str(model_dir)}
 
     with tracking.stage_run("register", {"register": cfg}) as run:
         lineage = {"git_commit": git_commit(), "prefect_flow_run_id": os.environ.get("MEDREGA_FLOW_RUN_ID", ""),
-                   "profile": params["profile"], "weights": weights, **lineage_hashes(params),
+                   "profile": config.profile, "weights": weights, **lineage_hashes(config),
                    **{f"dvc.{k}": v for k, v in dvc_hashes().items()}}
         mlflow.set_tags(lineage)
-        mlflow.log_params(tracking.flatten({k: v for k, v in params.items() if k not in ("register", "profiles")}))
+        mlflow.log_params(tracking.flatten({k: v for k, v in config.as_dict().items() if k != "register"}))
         mlflow.log_metrics({tracking.metric_name(k.replace(".", "/")): v for k, v in metrics.items()})
-        card = model_card(params, metrics, lineage, instructions_dir or Path(params["materialize"]["out"]))
-        (staging / "model_card.md").write_text(card, encoding="utf-8")
+        card = model_card(config, metrics, lineage, instructions_dir or config.materialize.out)
+        io.write_text(staging / "model_card.md", card)
         mlflow.log_text(card, "model_card.md")
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=MedRegAModel(),
             artifacts={**weight_artifacts, "base_prompts": str(staging / "base_prompts.json"),
                        "params": str(staging / "params.json"), "model_card": str(staging / "model_card.md")},
-            code_paths=[str(MODEL_DIR)],
+            code_paths=[str(p) for p in CODE_PATHS],
             signature=signature(),
             input_example=example_input(example_image) if example_image else None,
             pip_requirements=[f"torch=={_version('torch')}", f"transformers=={_version('transformers')}",
                               f"peft=={_version('peft')}", "pillow", "pandas", f"mlflow=={_version('mlflow')}"],
-            registered_model_name=cfg["model_name"],
+            registered_model_name=cfg.model_name,
         )
         client = mlflow.MlflowClient()
         version = str(info.registered_model_version)
-        client.set_registered_model_alias(cfg["model_name"], cfg["alias"], version)
-        client.update_model_version(cfg["model_name"], version, description=card)
-        tags = {**lineage, "params.tune.mode": params["tune"]["mode"], "params.model.preset": params["model"]["preset"],
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
+        client.update_model_version(cfg.model_name, version, description=card)
+        tags = {**lineage, "params.tune.mode": config.tune.mode, "params.model.preset": config.model.preset,
                 **{tracking.metric_name(f"metric.{k}"): str(v) for k, v in metrics.items()}}
         for key, value in tags.items():
-            client.set_model_version_tag(cfg["model_name"], version, key, str(value))
-        result = {"model_name": cfg["model_name"], "version": version, "alias": cfg["alias"],
-                  "uri": f"models:/{cfg['model_name']}@{cfg['alias']}", "run_id": run.info.run_id,
+            client.set_model_version_tag(cfg.model_name, version, key, str(value))
+        result = {"model_name": cfg.model_name, "version": version, "alias": cfg.alias,
+                  "uri": f"models:/{cfg.model_name}@{cfg.alias}", "run_id": run.info.run_id,
                   "weights": weights, "tracking_uri": tracking.tracking_uri()}
     io.write_json(out_dir / "registered.json", result)
     return result

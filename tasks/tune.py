@@ -1,16 +1,18 @@
 """Stage 2, instruction tuning: LoRA (or the full LLM) on the region-centric tasks.
 
-Launches `model.train` on every rank (torchrun locally, or Slurm), then, in this single
-process, merges the LoRA adapter into the base so `out_dir/model` loads with plain
-`from_pretrained`. `out_dir/adapter` keeps the adapter alone.
+Launches the tune recipe on every rank (torchrun locally, or Slurm) with the resolved config this
+stage was given, written beside its output (`out_dir/config.yaml`) so every rank, on any node,
+reads exactly it. Then, in this single process, merges the LoRA adapter into the base so
+`out_dir/model` loads with plain `from_pretrained`; `out_dir/adapter` keeps the adapter alone.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
+from medrega import config as config_mod
 from medrega import io, tracking
+from medrega.config import Config
 from model.launch import launch, worker_args
 from model.processor import MedRegAProcessor
 
@@ -26,15 +28,14 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
         MedRegAProcessor.from_pretrained(adapter_dir).save_pretrained(partial)
 
 
-def tune(instructions_dir: Path, align_dir: Path, out_dir: Path, params: dict[str, Any],
-         params_file: Path = Path("params.yaml")) -> dict[str, Any]:
-    cfg = params["tune"]
+def tune(instructions_dir: Path, align_dir: Path, out_dir: Path, cfg: Config) -> dict:
     meta = Path(instructions_dir) / "meta_file.json"
     base = Path(align_dir) / "model"
     out_dir = Path(out_dir)
-    with tracking.stage_run("tune", {"tune": cfg}):
-        launch(cfg["launcher"], worker_args("tune", params_file, meta, base, out_dir), out_dir / "train.log")
-        if cfg.get("mode", "lora") == "lora":
+    run_config = config_mod.write_resolved(cfg, out_dir / "config.yaml")
+    with tracking.stage_run("tune", {"tune": cfg.tune}):
+        launch(cfg.tune.launcher, worker_args(run_config, meta, base, out_dir), out_dir / "train.log")
+        if cfg.tune.mode == "lora":
             merge_adapter(base, out_dir / "adapter", out_dir / "model")
         summary = json.loads((out_dir / "train_summary.json").read_text())
         tracking.log_training(summary)

@@ -13,18 +13,42 @@ import yaml
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
+# What `make test` exports, so `python -m pytest` alone behaves the same (2 slow cores: Prefect's
+# ephemeral server needs more than its default 30 s to start)
+for _key, _value in (("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"), ("DS_ACCELERATOR", "cpu"),
+                     ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                     ("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false")):
+    os.environ.setdefault(_key, _value)
+
+
+SMALL = {  # the tiny profile cut down so a whole pipeline runs in a couple of minutes
+    "data": {"patients_per_modality": 2, "slices_per_patient": 1},
+    "materialize": {"test_share": 0.5},  # 16 patients: both splits non-empty
+    "pretrain": {"save_steps": 2, "per_device_batch_size": 4},
+    "align": {"max_steps": 3, "save_steps": 2, "per_device_batch_size": 4},
+    "tune": {"max_steps": 4, "save_steps": 2, "per_device_batch_size": 2},
+    "evaluate": {"max_samples_per_task": 4, "max_new_tokens": 8, "batch_size": 4},
+}
+
 
 def small_params(params: dict) -> dict:
-    """The tiny profile cut down so a whole pipeline runs in a couple of minutes."""
-    params["data"].update(patients_per_modality=2, slices_per_patient=1)
-    params["materialize"].update(test_share=0.5)  # 16 patients: both splits non-empty
-    params["model"]["base_pretrain"].update(save_steps=2, per_device_batch_size=4)
-    for phase in params["model"]["base_pretrain"]["phases"]:
-        phase.update(max_steps=3)
-    params["align"].update(max_steps=3, save_steps=2, batch_size=4)
-    params["tune"].update(max_steps=4, save_steps=2, per_device_batch_size=2)
-    params["evaluate"].update(max_samples_per_task=4, max_new_tokens=8, batch_size=4)
+    """params.yaml's raw mapping with SMALL merged into its top level (the tiny profile)."""
+    from medrega.config import deep_merge
+
+    params = deep_merge(params, SMALL)
+    params["pretrain"]["phases"] = [{**phase, "max_steps": 3} for phase in params["pretrain"]["phases"]]
     return params
+
+
+def tiny(overlay: dict | None = None, small: bool = False):
+    """The repository's tiny profile as a Config, optionally cut down and with `overlay` on top."""
+    from medrega.config import resolve
+
+    cfg = resolve(REPO / "params.yaml", "tiny")
+    if small:
+        cfg = cfg.merged(SMALL).merged({"pretrain": {"phases": [
+            {**p.model_dump(), "max_steps": 3} for p in cfg.pretrain.phases]}})
+    return cfg.merged(overlay) if overlay else cfg
 
 
 def isolated_env(root: Path) -> dict[str, str]:
@@ -58,7 +82,8 @@ def make_workspace(root: Path) -> Path:
                            cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for rel in files:
         src = REPO / rel
-        if not src.is_file() or rel in ("data.dvc", "dvc.lock") or rel.startswith(("tests/", "artifacts/")):
+        if not src.is_file() or rel in ("data.dvc", "dvc.lock", "params.resolved.yaml") \
+                or rel.startswith(("tests/", "artifacts/")):
             continue
         dst = root / rel
         dst.parent.mkdir(parents=True, exist_ok=True)
@@ -72,20 +97,18 @@ def make_workspace(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def stage_inputs(tmp_path_factory) -> dict:
     """Materialized instructions and an aligned tiny model, built once for the training tests."""
+    from medrega.config import write_resolved
     from medrega.sources.synthetic import generate
     from tasks.align import align
     from tasks.materialize import materialize
 
     root = tmp_path_factory.mktemp("stages")
-    params = small_params(yaml.safe_load((REPO / "params.yaml").read_text()))
-    params["profile"] = "tiny"
-    params.pop("profiles", None)
-    params_file = root / "params.yaml"
-    params_file.write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    cfg = tiny(small=True)
+    config_file = write_resolved(cfg, root / "params.resolved.yaml")
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    d = params["data"]
-    generate(root / "data", d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
-    materialize(root / "data", root / "instructions", params)
-    align(root / "instructions", root / "align", params)
-    return {"root": root, "params": params, "params_file": params_file,
+    d = cfg.data
+    generate(root / "data", d.patients_per_modality, d.slices_per_patient, d.image_size, d.seed)
+    materialize(root / "data", root / "instructions", cfg)
+    align(root / "instructions", root / "align", cfg)
+    return {"root": root, "config": cfg, "config_file": config_file,
             "instructions": root / "instructions", "aligned": root / "align"}

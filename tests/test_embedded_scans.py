@@ -6,7 +6,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from medrega.config import load_params
+from tests.conftest import tiny
 from medrega.sources.embedded import CT_DATASET, MR_DATASET, add_package_scans
 from medrega.sources.samed2d import CLASS_MAPPING_FILE, iter_samples
 from medrega.sources.synthetic import generate
@@ -34,8 +34,7 @@ def test_package_scans_merge_validate_and_are_deterministic(tmp_path):
     assert len({s.patient for s in real}) == 4  # each scan its own (pseudonymous) patient
     classes = json.loads((root / CLASS_MAPPING_FILE).read_text())
     assert classes[CT_DATASET] == {"brain": 0} and "SynthAbdomenCT" in classes  # merged, not replaced
-    params = load_params(REPO / "params.yaml")
-    assert validate(root, tmp_path / "val", params)["passed"]
+    assert validate(root, tmp_path / "val", tiny().validate_)["passed"]
     first = digest(root)
     add_package_scans(root)  # re-run on top: nothing changes
     assert digest(root) == first

@@ -3,24 +3,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medrega.config import load_params
+from tests.conftest import tiny
 from medrega.metrics import html
 from medrega.metrics.scoring import Scorer, score_samples, summarise
-from model.boxes import format_regions
+from medrega.grammar import format_regions
 from model.infer import Generator, Query
-from model.presets import build_model, num_image_tokens
+from model.presets import build_model
 from model.processor import MedRegAProcessor, ProcessorConfig
 from model.tokenizer import train_tokenizer
-from tests.conftest import REPO
 
 
 @pytest.fixture(scope="module")
 def generator():
-    cfg = load_params(REPO / "params.yaml", "tiny")["model"]
+    cfg = tiny().model
     texts = ["What is <box>[[1, 2, 3, 4]]</box> in this CT scan? liver spleen heart 肝脏 脾脏"] * 20
     tok = train_tokenizer(texts, vocab_size=400, min_frequency=1)
-    processor = MedRegAProcessor(tok, ProcessorConfig(image_size=cfg["image_size"], num_image_tokens=num_image_tokens(cfg),
-                                                      max_length=cfg["max_length"]))
+    processor = MedRegAProcessor(tok, ProcessorConfig(image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens,
+                                                      max_length=cfg.max_length))
     model = build_model(cfg, tok, seed=0)
     model.resize_token_embeddings(len(tok))
     return Generator(model, processor)

@@ -1,16 +1,17 @@
 """The instruction suite (per-record quarantine + GX dataset rules) and the released-data import."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 
-from medrega.config import load_params
+from medrega import metafile
+from medrega.errors import BadInput
+from tests.conftest import tiny
 from medrega.sources.embedded import build_default
 from medrega.sources.released import iter_released
-from tasks import validate_instructions as vi
+from medrega.records import rules as vi
 from tasks.materialize import materialize
 
 REPO = Path(__file__).resolve().parent.parent
@@ -67,11 +68,11 @@ def test_suite_patient_in_two_splits_and_missing_language():
 # ------------------------------------------------------------------------- released import
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    params = copy.deepcopy(load_params(REPO / "params.yaml", "tiny"))
-    params["materialize"]["test_share"] = 0.5
+    params = tiny({"materialize": {"test_share": 0.5},
+                   "data": {"patients_per_modality": 2, "slices_per_patient": 1, "image_size": 64,
+                            "package_scans": False}})
     root = tmp_path_factory.mktemp("rel") / "samed2d"
-    build_default(root, dict(params["data"], patients_per_modality=2, slices_per_patient=1, image_size=64,
-                             package_scans=False))
+    build_default(root, params.data)
     return root, params
 
 
@@ -109,12 +110,12 @@ def test_released_ids_tasks_and_settings(tmp_path):
 
 def test_materialize_mixes_released(data, tmp_path):
     root, params = data
-    p = copy.deepcopy(params)
-    p["materialize"]["released_meta"] = str(_release(tmp_path))
+    p = params.merged({"materialize": {"released_meta": str(_release(tmp_path))}})
     summary = materialize(root, tmp_path / "ins", p)
     meta = json.loads((tmp_path / "ins" / "meta_file.json").read_text())
     entry = meta["r2t_en_released_ACDC"]
-    assert entry["repeat_time"] == 2 and entry["root"] == str(tmp_path / "release" / "images") and entry["length"] == 2
+    root_read = metafile.resolve(tmp_path / "ins" / "meta_file.json", entry["root"]).resolve()
+    assert entry["repeat_time"] == 2 and root_read == (tmp_path / "release" / "images").resolve() and entry["length"] == 2
     assert summary["records_by_source"]["released_ACDC"] == 4 and "r2t_en-00000" in meta
 
 
@@ -123,14 +124,12 @@ def test_released_bad_lines_quarantined_or_fail(data, tmp_path):
     bad = [b'{"conversations": [{"from": "human", "value": "caf\xe9"}], "image": "x.png"}\n',
            json.dumps({"conversations": [{"from": "human", "value": "Where? <box>[[10, 10, 1200, 40]]</box>"},
                                          {"from": "gpt", "value": "x"}], "image": "x.png", "width": 9, "height": 9}).encode() + b"\n"]
-    p = copy.deepcopy(params)
-    p["materialize"]["released_meta"] = str(_release(tmp_path, bad))
-    p["materialize"]["max_quarantine_share"] = 0.5
+    p = params.merged({"materialize": {"released_meta": str(_release(tmp_path, bad)), "max_quarantine_share": 0.5}})
     summary = materialize(root, tmp_path / "ins", p)
     q = [json.loads(l) for l in (tmp_path / "ins" / "quarantine.jsonl").read_text().splitlines()]
     assert [x["rule"] for x in q] == ["record is UTF-8", vi.R_GRID] and summary["quarantined"] == 2
     assert q[0]["file"].endswith("acdc.jsonl") and q[0]["id"] == "ACDC:5"
-    p["materialize"]["max_quarantine_share"] = 0.0
-    with pytest.raises(ValueError, match=r"2 of \d+ records quarantined.*acdc.jsonl \(record ACDC:5\): rule 'record is UTF-8'"):
+    p = p.merged({"materialize": {"max_quarantine_share": 0.0}})
+    with pytest.raises(BadInput, match=r"2 of \d+ records quarantined.*acdc.jsonl \(record ACDC:5\): rule 'record is UTF-8'"):
         materialize(root, tmp_path / "ins2", p)
     assert not (tmp_path / "ins2").exists() and not list(tmp_path.glob(".ins2*"))  # nothing half-written

@@ -1,12 +1,13 @@
 """materialize(): JSONL + meta files, patient-disjoint splits, and atomic output."""
-import copy
 import json
 from pathlib import Path
 
 import pytest
 
 import tasks.materialize as mat
-from medrega.config import load_params
+from medrega import metafile
+from medrega.config import ConfigError
+from tests.conftest import tiny
 from medrega.records import builders
 from medrega.sources import synthetic
 
@@ -15,10 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def params():
-    p = load_params(REPO / "params.yaml", "tiny")
-    p = copy.deepcopy(p)
-    p["materialize"]["test_share"] = 0.5  # small data: make sure both splits are populated
-    return p
+    return tiny({"materialize": {"test_share": 0.5}})  # small data: make sure both splits are populated
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +45,14 @@ def _shards(out: Path, task: str, lang: str, split: str) -> list[dict]:
 def test_files_and_counts(output, params):
     out, summary = output
     assert json.loads((out / "summary.json").read_text(encoding="utf-8")) == summary
-    cfg = params["materialize"]
-    for task in cfg["tasks"]:
-        for lang in cfg["langs"]:
+    cfg = params.materialize
+    for task in cfg.tasks:
+        for lang in cfg.langs:
             for split in ("train", "test"):
                 recs = _shards(out, task, lang, split)
                 assert len(recs) == summary["records"][task][lang][split]
                 assert all(r["task"] == task and r["lang"] == lang and r["split"] == split for r in recs)
-    for lang in cfg["langs"]:
+    for lang in cfg.langs:
         for split in ("train", "test"):
             n = sum(summary["t2r_settings"][lang][split].values())
             assert n == summary["records"]["t2r"][lang][split]
@@ -64,7 +62,7 @@ def test_meta_files(output, data_root, params):
     out, summary = output
     for meta_name, split in (("meta_file.json", "train"), ("meta_test.json", "test")):
         meta = json.loads((out / meta_name).read_text(encoding="utf-8"))
-        expected = {f"{t}_{lang}" for t in params["materialize"]["tasks"] for lang in params["materialize"]["langs"]
+        expected = {f"{t}_{lang}" for t in params.materialize.tasks for lang in params.materialize.langs
                     if summary["records"][t][lang][split] > 0}
         datasets = {name.rsplit("-", 1)[0] for name in meta}  # one entry per shard: "r2t_en-00000"
         assert datasets == expected and {"r2t_en", "r2t_zh", "t2r_en", "t2r_zh"} <= datasets
@@ -72,9 +70,11 @@ def test_meta_files(output, data_root, params):
             dataset, shard = name.rsplit("-", 1)
             task, lang = dataset.split("_")
             assert set(entry) == {"root", "annotation", "length", "repeat_time", "data_augment", "base_prompt"}
-            assert entry["root"] == str(data_root)
-            assert entry["annotation"] == str(out / f"{dataset}_{split}-{shard}.jsonl")
-            assert entry["length"] == len(_lines(Path(entry["annotation"])))
+            # relative to the meta file's folder: readable from any working directory
+            assert not Path(entry["root"]).is_absolute() and not Path(entry["annotation"]).is_absolute()
+            assert metafile.resolve(out / meta_name, entry["root"]).resolve() == data_root.resolve()
+            assert entry["annotation"] == f"{dataset}_{split}-{shard}.jsonl"
+            assert entry["length"] == len(_lines(out / entry["annotation"]))
             assert entry["repeat_time"] == 1
             boxes = task in ("r2t", "t2r", "grounded")  # the tasks whose text carries boxes
             if boxes:
@@ -153,9 +153,17 @@ def test_rerun_replaces_stale_files(data_root, params, tmp_path):
     assert not (out / "stale.jsonl").exists() and (out / "meta_file.json").is_file()
 
 
-def test_unknown_task_rejected(data_root, params, tmp_path):
-    bad = copy.deepcopy(params)
-    bad["materialize"]["tasks"] = ["caption", "vqa_typo"]
-    with pytest.raises(ValueError, match="vqa_typo"):
-        mat.materialize(data_root, tmp_path / "o", bad)
-    assert not (tmp_path / "o").exists()
+def test_unknown_task_rejected(params):
+    with pytest.raises(ConfigError, match=r"materialize\.tasks\[1\]: .*'vqa_typo'"):
+        params.merged({"materialize": {"tasks": ["caption", "vqa_typo"]}})
+
+
+def test_meta_file_reads_from_any_working_directory(output, tmp_path, monkeypatch):
+    from model.data import iter_records
+
+    out, summary = output
+    monkeypatch.chdir(tmp_path)  # not the workspace: relative paths resolve against the meta file
+    records = list(iter_records(out / "meta_file.json", ["r2t"]))
+    assert len(records) == sum(summary["records"]["r2t"][lang]["train"] for lang in ("en", "zh"))
+    record, entry = records[0]
+    assert (Path(entry["root"]) / record["image"]).is_file()

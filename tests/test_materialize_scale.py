@@ -1,5 +1,4 @@
 """materialize at scale: shards, worker-count determinism, resume after a kill, streaming."""
-import copy
 import itertools
 import types
 import sys
@@ -9,7 +8,8 @@ from pathlib import Path
 import pytest
 
 import tasks.materialize as mat
-from medrega.config import load_params
+from medrega import shards
+from tests.conftest import tiny
 from medrega.sources import synthetic
 from tests.servers import free_port, stop
 
@@ -23,10 +23,8 @@ def data_root(tmp_path_factory):
     return root
 
 
-def _params(workers: int, shard_size: int = 3) -> dict:
-    p = copy.deepcopy(load_params(REPO / "params.yaml", "tiny"))
-    p["materialize"].update(test_share=0.5, workers=workers, shard_size=shard_size, dask_address=None)
-    return p
+def _params(workers: int, shard_size: int = 3, **more):
+    return tiny({"materialize": {"test_share": 0.5, "workers": workers, "shard_size": shard_size, **more}})
 
 
 def _snapshot(out: Path) -> dict[str, bytes]:
@@ -65,7 +63,7 @@ def test_resume_keeps_finished_shards_and_redoes_the_rest(data_root, tmp_path, m
         mat.materialize(data_root, out, params)
     work = tmp_path / ".instructions.partial"
     assert not out.exists()
-    assert sorted(p.name for p in (work / mat.SHARDS_DIR).iterdir()) == ["00000.json", "00001.json"]
+    assert sorted(p.name for p in (work / shards.SHARDS_DIR).iterdir()) == ["00000.json", "00001.json"]
     # A kill between a shard's data files and its manifest: a stale file the re-run must replace.
     (work / "r2t_en_train-00002.jsonl").write_text("half a line", encoding="utf-8")
     kept = {p.name: p.stat().st_mtime_ns for p in work.glob("*-0000[01].jsonl")}
@@ -98,16 +96,16 @@ def test_changed_params_discard_the_work_directory(data_root, tmp_path, monkeypa
     stale = tmp_path / ".instructions.partial" / "stale-00000.jsonl"
     stale.write_text("{}\n")
     calls.update(n=0, limit=10**9)
-    params["materialize"]["seed"] = 1  # other records: nothing from the old run may be reused
+    params = params.merged({"materialize": {"seed": 1}})  # other records: nothing from the old run may be reused
     summary = mat.materialize(data_root, out, params)
     assert calls["n"] == sum(summary["images"].values())  # shard 0 rebuilt too
     assert not (out / "stale-00000.jsonl").exists()
 
 
 def test_drive_streams_a_source_it_could_not_hold(tmp_path):
-    """_drive pulls samples only as shards drain: a source far larger than what may be held
-    raises the moment more than (window + 1) shards of it are outstanding."""
-    size, window, total = 50, 2, 200_000
+    """The shard runner pulls items only as shards drain: a source far larger than what may be
+    held raises the moment more than (window + 1) shards of it are outstanding."""
+    size, window, total = 50, 2, 20_000
     state = {"pulled": 0, "taken": 0}
 
     def source():
@@ -119,16 +117,16 @@ def test_drive_streams_a_source_it_could_not_hold(tmp_path):
             state["pulled"] += 1
             yield types.SimpleNamespace(rel_image=f"images/{i}.png")
 
-    def submit(fn, k, chunk, reports, job):  # record the shard instead of building it
-        return mat._Ready({"shard": k, "n": len(chunk)})
+    def submit(fn, k, chunk):  # record the shard instead of building it
+        return shards._Ready({"shard": k, "n": len(chunk)})
 
     def take(man):
         state["taken"] += man["n"]
 
-    job = {"work": str(tmp_path), "shard_size": size}
     bar = types.SimpleNamespace(update=lambda n: None)
-    mat._drive(source(), {}, job, submit, window, take, bar)
+    shards._drive(source(), size, tmp_path, None, (), submit, window, take, bar)
     assert state["taken"] == state["pulled"] == total
+    assert len(list((tmp_path / shards.SHARDS_DIR).glob("*.json"))) == total // size  # every shard recorded
 
 
 def test_dask_task_runner_on_a_cluster_of_separate_processes(data_root, tmp_path):
@@ -153,9 +151,7 @@ def test_dask_task_runner_on_a_cluster_of_separate_processes(data_root, tmp_path
         with distributed.Client(address, timeout=60) as client:
             client.wait_for_workers(2, timeout=120)
             assert len(client.scheduler_info()["workers"]) == 2
-            p = _params(workers=2)
-            p["materialize"]["dask_address"] = address
-            mat.materialize(data_root, out, p)
+            mat.materialize(data_root, out, _params(workers=2, dask_address=address))
             # the shards ran in the worker processes (32 images in shards of 3: 11 shard tasks)
             executed = client.run(lambda dask_worker: dask_worker.state.executed_count)
             assert sum(executed.values()) >= 11, executed

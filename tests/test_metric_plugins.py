@@ -11,7 +11,7 @@ tokenizers = pytest.importorskip("tokenizers")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from medrega.cli import app  # noqa: E402
+from cli import app  # noqa: E402
 from medrega.metrics import plugins  # noqa: E402
 from medrega.metrics.scoring import NOT_COMPUTED, score_answers  # noqa: E402
 
@@ -227,8 +227,10 @@ def test_html_report_shows_plugin_figures(tiny_bert):
 
 
 def test_evaluate_stage_fails_loudly_on_a_bad_plugin_path(tmp_path):
-    from tasks.evaluate import score
+    from tasks.evaluate import evaluate
+    from tests.conftest import tiny
 
-    cfg = {"iou_threshold": 0.5, "name_match": "strict", "plugins": {"chexbert": {"model_path": str(tmp_path / "cx")}}}
-    with pytest.raises(plugins.PluginError, match="cx"):
-        score([{"task": "report", "prediction": "a", "ground_truth": "a", "lang": "en"}], cfg)
+    cfg = tiny({"evaluate": {"plugins": {"chexbert": {"model_path": str(tmp_path / "cx")}}}})
+    with pytest.raises(plugins.PluginError, match="cx"):  # before reading data or loading a model
+        evaluate(tmp_path / "no-instructions", tmp_path / "no-model", tmp_path / "eval", cfg)
+    assert not (tmp_path / "eval").exists()

@@ -110,10 +110,10 @@ print(json.dumps({{'version': mv.version, 'cols': list(out.columns), 'regions': 
     # ...and register's first attempt meets a transient outage (its command fails once, the way
     # an unreachable S3 or MLflow server makes it fail): the flow retries that stage alone
     dvc_yaml = yaml.safe_load((ws / "dvc.yaml").read_text())
-    assert dvc_yaml["stages"]["register"]["cmd"] == "medrega register"
+    assert dvc_yaml["stages"]["register"]["cmd"] == "medrega register --config params.resolved.yaml"
     dvc_yaml["stages"]["register"]["cmd"] = (
         "sh -c 'test -e .outage-seen || { touch .outage-seen; "
-        "echo \"EndpointConnectionError: could not connect to the endpoint URL\" >&2; exit 1; }; exec medrega register'")
+        "echo \"EndpointConnectionError: could not connect to the endpoint URL\" >&2; exit 1; }; exec medrega register --config params.resolved.yaml'")
     (ws / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False, allow_unicode=True))
     third = medrega(ws, "pipeline")
     assert third.returncode == 0, third.stdout[-3000:] + third.stderr[-3000:]

@@ -16,10 +16,10 @@ pytest.importorskip("radgraph")
 
 from typer.testing import CliRunner  # noqa: E402
 
-from medrega.cli import app  # noqa: E402
+from cli import app  # noqa: E402
 from medrega.metrics import plugins, radgraph_compat  # noqa: E402
 from medrega.metrics.scoring import NOT_COMPUTED, score_answers  # noqa: E402
-from model.boxes import format_regions  # noqa: E402
+from medrega.grammar import format_regions  # noqa: E402
 
 WORDS = ("no acute cardiopulmonary process the heart size is normal mild cardiomegaly small left pleural "
          "effusion lungs are clear right lower lobe opacity with and of").split()
@@ -261,10 +261,11 @@ def test_through_score_answers_evaluate_and_cli(tiny_radgraph, tmp_path):
     page = html.render(result, items, [])
     assert "<h3>radgraph</h3>" in page and "complete_f1" in page
 
-    from tasks.evaluate import score
+    from medrega.config import EvaluateConfig
 
-    cfg = {"iou_threshold": 0.5, "name_match": "strict", "plugins": {"radgraph": {"model_path": str(tiny_radgraph)}}}
-    assert score(items[:1], cfg)["model_metrics"]["radgraph"]["report"]["complete_f1"] == 1.0
+    # the evaluate stage's route: params' `evaluate.plugins` section -> loaded plug-ins -> figures
+    from_params = plugins.load_plugins(EvaluateConfig(plugins={"radgraph": {"model_path": str(tiny_radgraph)}}).plugins)
+    assert score_answers(items[:1], loaded_plugins=from_params)["model_metrics"]["radgraph"]["report"]["complete_f1"] == 1.0
 
     path = tmp_path / "answers.jsonl"
     path.write_text("".join(json.dumps(i) + "\n" for i in items))

@@ -5,11 +5,12 @@ from collections import Counter
 import pytest
 
 from medrega.records import builders
-from medrega.records.templates import BASE_PROMPTS, PLACEHOLDER, TEMPLATES
+from medrega.grammar import BASE_PROMPTS
+from medrega.records.templates import PLACEHOLDER, TEMPLATES
 from medrega.sources import synthetic
 from medrega.sources.samed2d import iter_samples, mask_boxes
 from medrega.vocab import BY_KEY, canonical
-from model.boxes import decode_box, parse_regions
+from medrega.grammar import decode_box, parse_regions
 
 R2T_EN = ("You are a helpful medical assistant. Your task is object recognition. You are required to "
           "recognize the object in the given region. The region is represented in the form of bounding "

@@ -5,9 +5,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from medrega.metrics.region import iou, read_answers, score_sample, score_t2r
+from medrega.metrics.region import iou, read_answers, score_sample
+from medrega.metrics.scoring import score_answers
+
+
+def score_t2r(items, **options):
+    """The Text-to-Region block of what the evaluate stage and `medrega score` compute."""
+    return score_answers(items, "t2r", **options)["t2r"]
 from medrega.vocab import names_match_lenient
-from model.boxes import format_region, format_regions
+from medrega.grammar import format_region, format_regions
 
 # --- IoU ----------------------------------------------------------------------------------
 
@@ -217,9 +223,8 @@ def test_broken_ground_truth_raises():
         score_t2r([{"prediction": "x", "ground_truth": "<box>[[0, 0, 1, 1]]</box>"}])
 
 
-def test_empty_run():
-    r = score_t2r([])
-    assert r["n"] == 0 and r["object_f1"] == 0.0
+def test_nothing_to_score_gives_no_block():
+    assert "t2r" not in score_answers([], "t2r")
 
 
 # --- answer files -------------------------------------------------------------------------

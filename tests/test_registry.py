@@ -143,18 +143,17 @@ def tiny_model(root: Path) -> tuple[Path, Path, Path, dict]:
     """A random tiny InternVL saved as a merged checkpoint, and as base + LoRA adapter."""
     from peft import LoraConfig, get_peft_model
 
-    from medrega.config import load_params
-    from model.presets import build_model, num_image_tokens
+    from model.presets import build_model
     from model.processor import MedRegAProcessor, ProcessorConfig
     from model.tokenizer import train_tokenizer
+    from tests.conftest import tiny
 
-    params = load_params(REPO / "params.yaml")
-    cfg = params["model"]
-    cfg.update(vision_layers=1, text_layers=1, text_intermediate_size=128, max_length=256)
+    params = tiny({"model": {"vision_layers": 1, "text_layers": 1, "text_intermediate_size": 128, "max_length": 256}})
+    cfg = params.model
     texts = ["Where is the <ref>liver</ref>? <ref>liver</ref><box>[[1, 2, 3, 4]]</box> 0123456789"] * 20
     tok = train_tokenizer(texts, 400, 1)
-    processor = MedRegAProcessor(tok, ProcessorConfig(image_size=cfg["image_size"], num_image_tokens=num_image_tokens(cfg),
-                                                       max_length=cfg["max_length"]))
+    processor = MedRegAProcessor(tok, ProcessorConfig(image_size=cfg.image_size, num_image_tokens=cfg.num_image_tokens,
+                                                      max_length=cfg.max_length))
     model = build_model(cfg, tok)
     merged, base, adapter = root / "merged", root / "base", root / "adapter"
     for out in (merged, base):
@@ -196,11 +195,11 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     work.mkdir()
     monkeypatch.chdir(work)
     merged, base, adapter, params = tiny_model(tmp_path)
-    params["register"]["gate"] = {"tolerance": 0.01, "metrics": GATES}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, allow_unicode=True))
+    params = params.merged({"register": {"gate": {"tolerance": 0.01, "metrics": GATES}}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params.as_dict(), allow_unicode=True))
     (work / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {
-        "validate": {"deps": [{"path": params["data"]["root"], "md5": "datahash.dir"}]},
-        "tune": {"outs": [{"path": params["tune"]["out"], "md5": "ckpthash.dir"}]}}}))
+        "validate": {"deps": [{"path": str(params.data.root), "md5": "datahash.dir"}]},
+        "tune": {"outs": [{"path": str(params.tune.out), "md5": "ckpthash.dir"}]}}}))
     scan = tmp_path / "scan.png"
     Image.fromarray((np.random.default_rng(0).random((64, 48)) * 255).astype(np.uint8)).save(scan)
     monkeypatch.setenv("MEDREGA_FLOW_RUN_ID", "flow-run-1")
@@ -214,7 +213,7 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     assert mv.tags["prefect_flow_run_id"] == "flow-run-1" and "git_commit" in mv.tags
     assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["metric.t2r.acc_at_0.5"] == "0.1"
     assert "## Known limits" in mv.description and "| region_f1 |" in mv.description
-    assert client.get_run(mv.run_id).data.params["tune.mode"] == params["tune"]["mode"]
+    assert client.get_run(mv.run_id).data.params["tune.mode"] == params.tune.mode
     assert client.get_model_version_by_alias("medrega", "challenger").version == v2["version"]
 
     # promotion through the CLI and the Prefect flow: no champion yet, so the challenger (v2) wins
@@ -249,7 +248,7 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     assert list(out.columns) == ["answer", "regions"] and isinstance(json.loads(out["regions"][0]), list)
 
     # base + adapter layout loads and answers too
-    params["register"]["weights"] = "adapter"
+    params = params.merged({"register": {"weights": "adapter"}})
     v3 = register(merged, eval_dir(tmp_path, "e3", 0.30, 0.50), tmp_path / "r3", params,
                   adapter_dir=adapter, base_dir=base)
     assert v3["weights"] == "adapter"

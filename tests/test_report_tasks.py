@@ -1,14 +1,14 @@
 """Embedded default (synthetic + package scans + reports), report-based records, MIMIC reader."""
 from __future__ import annotations
 
-import copy
 import json
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from medrega.config import load_params
+from medrega import metafile
+from tests.conftest import tiny
 from medrega.records.report_builders import build_report_records
 from medrega.records.report_templates import PLACEHOLDERS, TEMPLATES
 from medrega.sources.embedded import CT_DATASET, MR_DATASET, build_default
@@ -24,22 +24,20 @@ ALL_TASKS = ["caption", "r2t", "t2r", "grounded", "vqa", "report", "cls"]
 
 @pytest.fixture(scope="module")
 def params():
-    p = copy.deepcopy(load_params(REPO / "params.yaml", "tiny"))
-    p["materialize"]["test_share"] = 0.5
-    return p
+    return tiny({"materialize": {"test_share": 0.5}, "data": {"patients_per_modality": 2, "slices_per_patient": 1,
+                                                              "image_size": 64}})
 
 
 @pytest.fixture(scope="module")
 def root(tmp_path_factory, params):
     r = tmp_path_factory.mktemp("emb") / "samed2d"
-    d = dict(params["data"], patients_per_modality=2, slices_per_patient=1, image_size=64)
-    summary = build_default(r, d)
+    summary = build_default(r, params.data)
     assert summary["package_scans"]["images"] == 4 and summary["reports"]["reports"] == summary["total_images"] + 4
     return r
 
 
 def test_build_default_validates_and_materializes(root, params, tmp_path):
-    assert validate(root, tmp_path / "val", params)["passed"]
+    assert validate(root, tmp_path / "val", params.validate_)["passed"]
     summary = materialize(root, tmp_path / "ins", params)  # the default task list
     assert summary["quarantined"] == 0
     recs = [json.loads(l) for f in (tmp_path / "ins").glob("r2t_*.jsonl") for l in f.read_text().splitlines()]
@@ -48,7 +46,7 @@ def test_build_default_validates_and_materializes(root, params, tmp_path):
 
 
 def test_build_default_without_package_scans(tmp_path, params):
-    d = dict(params["data"], patients_per_modality=1, slices_per_patient=1, image_size=64, package_scans=False)
+    d = params.merged({"data": {"patients_per_modality": 1, "package_scans": False}}).data
     summary = build_default(tmp_path / "d", d)
     assert summary["package_scans"] is None
     assert not any(s.dataset in (CT_DATASET, MR_DATASET) for s in iter_samples(tmp_path / "d"))
@@ -64,8 +62,7 @@ def test_templates_many_per_task_and_language():
 
 
 def test_report_records_all_tasks(root, params, tmp_path):
-    p = copy.deepcopy(params)
-    p["materialize"]["tasks"] = ALL_TASKS
+    p = params.merged({"materialize": {"tasks": ALL_TASKS}})
     summary = materialize(root, tmp_path / "ins", p)
     for task in ALL_TASKS:
         for lang in ("en", "zh"):
@@ -115,8 +112,7 @@ def test_non_utf8_report_fails_naming_file_line_rule(root, params, tmp_path):
     with pytest.raises(ReportError) as err:
         read_reports(bad)
     assert f"{REPORTS_FILE}:3" in str(err.value) and R_UTF8 in str(err.value)
-    p = copy.deepcopy(params)
-    p["materialize"]["tasks"] = ALL_TASKS
+    p = params.merged({"materialize": {"tasks": ALL_TASKS}})
     out = tmp_path / "ins"
     out.mkdir()
     (out / "keep.txt").write_text("previous output")
@@ -206,24 +202,22 @@ def test_mimic_non_utf8_report(tmp_path):
 
 def test_materialize_with_mimic(root, params, tmp_path):
     mroot, boxes = _mimic(tmp_path)
-    p = copy.deepcopy(params)
-    p["materialize"].update(tasks=ALL_TASKS, mimic={"root": str(mroot), "boxes": str(boxes)})
+    p = params.merged({"materialize": {"tasks": ALL_TASKS, "mimic": {"root": str(mroot), "boxes": str(boxes)}}})
     summary = materialize(root, tmp_path / "ins", p)
     assert summary["records_by_source"]["mimic"] > 0
     meta = {**json.loads((tmp_path / "ins" / "meta_file.json").read_text()),
             **json.loads((tmp_path / "ins" / "meta_test.json").read_text())}
-    assert meta["grounded_en_mimic"]["root"] == str(mroot.resolve())
+    assert metafile.resolve(tmp_path / "ins" / "meta_file.json", meta["grounded_en_mimic"]["root"]).resolve() \
+        == mroot.resolve()
 
 
 def test_cli_generate_uses_build_default(tmp_path, params):
     import yaml
     from typer.testing import CliRunner
 
-    from medrega.cli import app
+    from cli import app
 
-    p = copy.deepcopy(params)
-    p.pop("profiles", None)
-    p["data"].update(patients_per_modality=1, slices_per_patient=1, image_size=64)
+    p = {"data": params.merged({"data": {"patients_per_modality": 1}}).data.model_dump(mode="json")}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(p, allow_unicode=True))
     result = CliRunner().invoke(app, ["generate", "--params", str(tmp_path / "params.yaml"), "--out", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output

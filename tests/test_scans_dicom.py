@@ -14,6 +14,7 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import generate_uid
 
+from medrega.config import ValidateConfig
 from medrega.sources import deid
 from medrega.sources.dicom import load_series, read_dataset
 from medrega.sources.dicom_seg import read_seg, seg_slices
@@ -24,7 +25,7 @@ from medrega.sources.slices import ScanError
 from tasks.validate import validate
 from tests.phi import leaks, phi_values, shipped
 
-VALIDATE = {"validate": {"max_failure_share": 0.0, "max_image_pixels": 40_000_000, "min_mask_pixels": 4}}
+VALIDATE = ValidateConfig(max_failure_share=0.0, max_image_pixels=40_000_000, min_mask_pixels=4)
 
 
 def ct_series(tmp: Path, n: int = 3, size: int | None = None, uids=None, positions=None) -> list[Path]:

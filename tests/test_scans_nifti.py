@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medrega.config import ValidateConfig
 from medrega.sources.layout import write_slices
 from medrega.sources.nifti import read_nifti
 from medrega.sources.samed2d import iter_samples
@@ -16,7 +17,7 @@ from medrega.sources.slices import ScanError, scale_percentile, window_ct
 from tasks.validate import validate
 
 ANAT = Path(os.path.dirname(nib.__file__)) / "tests" / "data" / "anatomical.nii"  # stored LAS
-VALIDATE = {"validate": {"max_failure_share": 0.0, "max_image_pixels": 40_000_000, "min_mask_pixels": 4}}
+VALIDATE = ValidateConfig(max_failure_share=0.0, max_image_pixels=40_000_000, min_mask_pixels=4)
 
 
 def label_map(tmp: Path, fill: dict[int, tuple] | None = None, flip_to_ras: bool = False) -> Path:

@@ -7,10 +7,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from medrega.cli import app
+from cli import app
 from medrega.metrics import answers, report
 from medrega.metrics.scoring import NOT_COMPUTED, headline, score_answers
-from model.boxes import format_regions
+from medrega.grammar import format_regions
 
 
 class NoSynonyms:

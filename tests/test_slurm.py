@@ -1,22 +1,23 @@
 """The Slurm launcher against a real one-node cluster on loopback (scripts/slurm-local.sh)."""
 from __future__ import annotations
 
-import copy
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from medrega.config import load_params
+from medrega import config
+from medrega.config import LauncherConfig
+from medrega.errors import BadInput
 from model.launch import LaunchFailed, run_slurm, sbatch_script, worker_args
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_cluster_profile_sbatch_matches_the_papers_layout():
-    launcher = load_params(REPO / "params.yaml", "h800-cluster")["tune"]["launcher"]
-    args = worker_args("tune", Path("params.yaml"), Path("m.json"), Path("base"), Path("out"))
+    launcher = config.resolve(REPO / "params.yaml", "h800-cluster").tune.launcher
+    args = worker_args(Path("out/config.yaml"), Path("m.json"), Path("base"), Path("out"))
     script = sbatch_script(launcher, args, Path("/work"), Path("/work/tune.log"))
     lines = script.splitlines()
     assert "#SBATCH --nodes=4" in lines and "#SBATCH --ntasks-per-node=1" in lines
@@ -24,7 +25,8 @@ def test_cluster_profile_sbatch_matches_the_papers_layout():
     srun = next(line for line in lines if line.startswith("srun "))
     assert "--nnodes=4" in srun and "--nproc-per-node=4" in srun
     assert "--rdzv-backend=c10d" in srun and '--rdzv-endpoint="$head_addr:$MASTER_PORT"' in srun
-    assert srun.endswith("-m model.train tune --params params.yaml --meta m.json --base base --out out")
+    # every rank reads the resolved config the stage wrote, never params.yaml
+    assert srun.endswith("-m model.recipes.tune --config out/config.yaml --meta m.json --base base --out out")
     assert "DS_ACCELERATOR=cpu" not in script  # GPUs: DeepSpeed picks CUDA itself
 
 
@@ -48,15 +50,11 @@ def slurm_cluster(tmp_path_factory):
 def test_tiny_tune_runs_through_slurm(slurm_cluster, stage_inputs, tmp_path, monkeypatch):
     from tasks.tune import tune
 
-    params = copy.deepcopy(stage_inputs["params"])
-    params["tune"]["launcher"] = {"kind": "slurm", "nnodes": 1, "nproc_per_node": 2, "backend": "gloo",
-                                  "job_name": "medrega-test", "time": "00:20:00"}
-    params_file = tmp_path / "params.yaml"
-    import yaml
-
-    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
+    params = stage_inputs["config"].merged({"tune": {"launcher": {
+        "kind": "slurm", "nnodes": 1, "nproc_per_node": 2, "backend": "gloo", "job_name": "medrega-test",
+        "time": "00:20:00"}}})
     monkeypatch.chdir(tmp_path)
-    summary = tune(stage_inputs["instructions"], stage_inputs["aligned"], tmp_path / "tune", params, params_file=params_file)
+    summary = tune(stage_inputs["instructions"], stage_inputs["aligned"], tmp_path / "tune", params)
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
     assert (tmp_path / "tune" / "model" / "model.safetensors").exists()
     script = (tmp_path / "tune" / "train.sbatch").read_text()
@@ -66,9 +64,15 @@ def test_tiny_tune_runs_through_slurm(slurm_cluster, stage_inputs, tmp_path, mon
 @pytest.mark.slow
 def test_failed_job_fails_the_task_with_the_jobs_error(slurm_cluster, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    launcher = {"kind": "slurm", "nnodes": 1, "nproc_per_node": 1, "backend": "gloo", "time": "00:05:00"}
-    with pytest.raises(LaunchFailed) as err:
-        run_slurm(launcher, ["-m", "model.train", "tune", "--meta", "missing.json", "--base", "nowhere", "--out", "o"],
+    launcher = LauncherConfig(kind="slurm", nnodes=1, nproc_per_node=1, backend="gloo", time="00:05:00")
+    with pytest.raises(BadInput, match="missing.yaml: params file not found"):  # bad input stays bad input
+        run_slurm(launcher, ["-m", "model.recipes.tune", "--config", "missing.yaml", "--meta", "missing.json",
+                             "--base", "nowhere", "--out", "o"],
                   tmp_path / "job.log", poll_s=0.5, on_line=lambda line: None)
+    boom = tmp_path / "boom.py"
+    boom.write_text("raise RuntimeError('CUDA error: out of memory')\n")
+    with pytest.raises(LaunchFailed) as err:  # a job that dies of something else: its own error named
+        run_slurm(launcher, [str(boom)],
+                  tmp_path / "job2.log", poll_s=0.5, on_line=lambda line: None)
     assert "FAILED" in str(err.value)
-    assert "nowhere" in str(err.value) or "missing.json" in str(err.value) or "Error" in str(err.value)
+    assert "CUDA error: out of memory" in str(err.value)  # the job's own words, from its log

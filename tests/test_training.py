@@ -2,7 +2,6 @@
 CPU ranks (torchrun, gloo), merging, resume after kill -9, and bad data failing loudly."""
 from __future__ import annotations
 
-import copy
 import json
 import os
 import signal
@@ -13,34 +12,35 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
 
+from medrega import config
+from medrega.config import LoraConfig
 from model.launch import worker_args, worker_env
 from model.presets import build_model
 from model.tokenizer import train_tokenizer
-from model.train import apply_lora, freeze_for_stage
+from model.training import apply_lora, train_only
+from tests.conftest import tiny
 
 pytestmark = pytest.mark.slow
 
 
 def tiny_model():
     tok = train_tokenizer(["liver <ref>x</ref><box>[[1, 2, 3, 4]]</box>"] * 4, 400, 1)
-    cfg = yaml.safe_load((Path(__file__).parent.parent / "params.yaml").read_text())["model"]
-    return build_model(cfg, tok)
+    return build_model(tiny().model, tok)
 
 
 def trainable(model) -> set[str]:
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("stage,mode,prefixes", [
-    ("align", "projector", ("model.multi_modal_projector.",)),
-    ("tune", "full", ("model.language_model.", "lm_head.")),
+@pytest.mark.parametrize("modules,prefixes", [
+    (lambda m: [m.model.multi_modal_projector], ("model.multi_modal_projector.",)),             # the align recipe
+    (lambda m: [m.model.language_model, m.lm_head], ("model.language_model.", "lm_head.")),  # full tuning
 ])
-def test_freezing_leaves_only_the_stage_trainable(stage, mode, prefixes):
+def test_freezing_leaves_only_the_stage_trainable(modules, prefixes):
     model = tiny_model()
-    freeze_for_stage(model, stage, mode)
+    train_only(model, modules(model))
     names = trainable(model)
     assert names and all(n.startswith(prefixes) for n in names)
     assert not any("vision_tower" in n for n in names)
@@ -48,8 +48,8 @@ def test_freezing_leaves_only_the_stage_trainable(stage, mode, prefixes):
 
 def test_lora_touches_only_the_language_model():
     model = tiny_model()
-    freeze_for_stage(model, "tune", "lora")
-    peft_model = apply_lora(model, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj", "down_proj"]})
+    train_only(model, [model])  # even from a fully trainable model
+    peft_model = apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["q_proj", "v_proj", "down_proj"]))
     names = trainable(peft_model)
     assert names and all("lora_" in n for n in names)
     assert all("language_model" in n for n in names), [n for n in names if "language_model" not in n]
@@ -64,7 +64,7 @@ def test_align_trains_the_projector_and_nothing_else(stage_inputs):
     changed = {k for k in start if not torch.equal(start[k], end[k])}
     assert changed and all("multi_modal_projector" in k for k in changed), changed
     summary = json.loads((aligned / "train_summary.json").read_text())
-    assert summary["stage"] == "align" and summary["global_step"] == stage_inputs["params"]["align"]["max_steps"]
+    assert summary["stage"] == "align" and summary["global_step"] == stage_inputs["config"].align.max_steps
 
 
 def test_base_pretraining_runs_its_phases_in_order_with_their_prompt_share(stage_inputs):
@@ -72,11 +72,11 @@ def test_base_pretraining_runs_its_phases_in_order_with_their_prompt_share(stage
     from model.processor import MedRegAProcessor
 
     pre = stage_inputs["aligned"] / "pretrain"
-    phases = stage_inputs["params"]["model"]["base_pretrain"]["phases"]
+    phases = stage_inputs["config"].pretrain.phases
     assert sorted(p.name for p in pre.glob("phase-*")) == [f"phase-{i}" for i in range(1, len(phases) + 1)]
     for i, phase in enumerate(phases, start=1):
         summary = json.loads((pre / f"phase-{i}" / "train_summary.json").read_text())
-        assert summary["stage"] == "base" and summary["global_step"] == phase["max_steps"]
+        assert summary["stage"] == "pretrain" and summary["global_step"] == phase.max_steps
     # phase 2 trained from phase 1's weights, and changed them
     one, two = (load_file(str(pre / f"phase-{i}" / "model" / "model.safetensors")) for i in (1, 2))
     assert any(not torch.equal(one[k], two[k]) for k in one)
@@ -91,21 +91,20 @@ def test_base_pretraining_runs_its_phases_in_order_with_their_prompt_share(stage
     assert 0 < longer < len(half.items)  # some records carry their prompt, some do not
 
 
-def run_tune(stage_inputs, out: Path, params: dict | None = None):
+def run_tune(stage_inputs, out: Path, params=None):
     from tasks.tune import tune
 
-    params = params or stage_inputs["params"]
-    params_file = out.parent / f"{out.name}-params.yaml"
-    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
-    return tune(stage_inputs["instructions"], stage_inputs["aligned"], out, params, params_file=params_file)
+    return tune(stage_inputs["instructions"], stage_inputs["aligned"], out, params or stage_inputs["config"])
 
 
 def test_lora_zero3_two_ranks_then_merge_matches_adapter(stage_inputs, tmp_path):
     out = tmp_path / "tune"
     summary = run_tune(stage_inputs, out)
-    assert summary["global_step"] == stage_inputs["params"]["tune"]["max_steps"]
+    assert summary["global_step"] == stage_inputs["config"].tune.max_steps
     assert summary["world_size"] == 2 and summary["zero_stage"] == 3
-    assert "--nproc-per-node=2" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "--nproc-per-node=2" in log and f"--config {out / 'config.yaml'}" in log  # ranks read the stage's config
+    assert config.load_resolved(out / "config.yaml") == stage_inputs["config"]
     assert (out / "adapter" / "adapter_model.safetensors").exists()
 
     # the merged model loads with plain from_pretrained and answers like base + adapter
@@ -130,8 +129,7 @@ def last_loss(summary: dict) -> tuple[int, float]:
 
 
 def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inputs, tmp_path):
-    params = copy.deepcopy(stage_inputs["params"])
-    params["tune"].update(max_steps=6, save_steps=2, logging_steps=1)
+    params = stage_inputs["config"].merged({"tune": {"max_steps": 6, "save_steps": 2, "logging_steps": 1}})
     reference = run_tune(stage_inputs, tmp_path / "ref", params)
 
     # a run killed after its final save: re-running takes the result from that checkpoint
@@ -144,9 +142,8 @@ def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inp
 
     # start the same run, kill -9 the whole torchrun group once a checkpoint exists
     out = tmp_path / "killed"
-    params_file = tmp_path / "killed-params.yaml"
-    params_file.write_text(yaml.safe_dump(params, allow_unicode=True))
-    args = worker_args("tune", params_file, stage_inputs["instructions"] / "meta_file.json",
+    config_file = config.write_resolved(params, tmp_path / "killed-config.yaml")
+    args = worker_args(config_file, stage_inputs["instructions"] / "meta_file.json",
                        stage_inputs["aligned"] / "model", out)
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
                             env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -171,7 +168,6 @@ def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inp
 def test_records_longer_than_max_length_fail_loudly(stage_inputs, tmp_path):
     from model.data import DataError
 
-    params = copy.deepcopy(stage_inputs["params"])
-    params["model"]["max_length"] = 40  # shorter than any prompt with its image tokens
+    params = stage_inputs["config"].merged({"model": {"max_length": 40}})  # shorter than any prompt with its image tokens
     with pytest.raises(DataError, match="exceed max_length 40"):
         run_tune(stage_inputs, tmp_path / "tune", params)

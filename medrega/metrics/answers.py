@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from collections import Counter
 
-from medrega.metrics.text import detect_lang, token_scores
+from medrega.grammar import detect_lang
+from medrega.metrics.text import token_scores
 from medrega.vocab import canonical, normalize
 
 _YES_NO = {"yes": "yes", "no": "no", "是": "yes", "否": "no", "是的": "yes", "不是": "no"}

@@ -6,14 +6,11 @@ A tuned model has learned something from pixels only where it beats these:
 """
 from __future__ import annotations
 
-import re
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 
-from model.boxes import format_region, parse_regions
+from medrega.grammar import format_region, parse_regions, ref_names
 from medrega.vocab import canonical
-
-_REF = re.compile(r"<ref>(.*?)</ref>", re.DOTALL)
 
 
 class PriorBaseline:
@@ -37,7 +34,7 @@ class PriorBaseline:
         if item["task"] == "r2t":
             return self.top_name.get(item.get("lang", "en"), next(iter(self.top_name.values()), ""))
         if item["task"] == "t2r":
-            asked = _REF.findall(item["question"])
+            asked = ref_names(item["question"])
             return ", ".join(format_region(name, [self.mean_box.get(canonical(name) or name, self.fallback_box)])
                              for name in asked)
         raise ValueError(f"no prior baseline for task {item['task']!r}")

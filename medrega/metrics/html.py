@@ -15,7 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from model.boxes import decode_box, parse_regions
+from medrega.grammar import decode_box, parse_regions
 
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
 IOU_BINS = 10

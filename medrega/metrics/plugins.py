@@ -43,6 +43,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from medrega.errors import BadInput
+
 PLUGINS = ("bertscore", "chexbert", "radgraph")
 NOT_REQUESTED = "not computed (needs model weights: no local model path given)"
 
@@ -58,7 +60,7 @@ _WEIGHTS = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.j
 _TOKENIZER = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "sentencepiece.bpe.model")
 
 
-class PluginError(ValueError):
+class PluginError(BadInput):
     """A requested plug-in cannot run (bad path, missing files, bad options)."""
 
 
@@ -393,9 +395,12 @@ def parse_plugin_args(values: Iterable[str]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_plugins(config: dict[str, Any] | None, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
-    """Load every plug-in that has a model_path (params.yaml `evaluate.plugins`, then
-    `overrides` from the command line). Raises PluginError for the first one that cannot load."""
+def load_plugins(config, overrides: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Load every plug-in that has a model_path (params `evaluate.plugins`, then `overrides`
+    from the command line). Raises PluginError for the first one that cannot load."""
+    if hasattr(config, "model_dump"):
+        config = {n: {k: v for k, v in opts.items() if v is not None}
+                  for n, opts in config.model_dump(mode="json").items()}
     config = dict(config or {})
     for name in config:
         if name not in PLUGINS:

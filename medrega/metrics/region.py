@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from medrega.metrics import breakdown
 from medrega.vocab import names_match
-from model.boxes import parse_regions
+from medrega.grammar import parse_regions
+from medrega.errors import BadInput
 
 PRECISION_RECALL_NOTE = (
     "The paper's text swaps the words precision and recall; this report uses the standard "
@@ -115,10 +115,10 @@ def score_item(item: dict, name_match: Callable[[str, str], bool] = names_match,
                threshold: float = 0.5, idx: int = 0) -> dict:
     """Algorithm 1 on one answer line (T2R, or the boxes of a grounded report)."""
     if not (item.get("width") and item.get("height")):
-        raise ValueError(f"item {idx}: width and height are required")
+        raise BadInput(f"item {idx}: width and height are required")
     truth = parse_regions(item.get("ground_truth"))
     if not truth.ok:
-        raise ValueError(f"item {idx}: ground truth has no well-formed box: {item.get('ground_truth')!r}")
+        raise BadInput(f"item {idx}: ground truth has no well-formed box: {item.get('ground_truth')!r}")
     answer = parse_regions(item.get("prediction"))
     # Not ok: counted as a failure; the readable boxes (if any) are still scored, and
     # unreadable ones count as predictions. No readable box at all means N valid = 0.
@@ -126,28 +126,6 @@ def score_item(item: dict, name_match: Callable[[str, str], bool] = names_match,
     s["parse_failure"] = not answer.ok
     s["groups"] = {k: item.get(k) for k in ("lang", "modality", "setting")}
     return s
-
-
-def score_t2r(
-    items: Iterable[dict],
-    name_match: Callable[[str, str], bool] = names_match,
-    threshold: float = 0.5,
-) -> dict:
-    """Macro-averaged Region-Aligned Evaluation over native answer items.
-
-    Each item needs `prediction`, `ground_truth`, `width`, `height`; `lang`, `modality` and
-    `setting` (SS/SM/MS/MM) are optional and drive the `by` breakdown. Boxes are compared
-    on the 0-999 grid without decoding: prediction and ground truth are on the same grid
-    of the same image, and IoU is unchanged by scaling each axis (both intersection and
-    union scale by W*H/999^2), so decoding would only add rounding. width/height are
-    still required so a broken item is caught here rather than in a later decode.
-    """
-    samples = [score_item(item, name_match, threshold, idx) for idx, item in enumerate(items)]
-    result = aggregate(samples)
-    result["threshold"] = threshold
-    result["precision_recall_note"] = PRECISION_RECALL_NOTE
-    result["by"] = breakdown(samples, ("lang", "modality", "setting"), aggregate)
-    return result
 
 
 def read_answers(path, format: str = "native") -> list[dict]:
@@ -158,7 +136,7 @@ def read_answers(path, format: str = "native") -> list[dict]:
     the height-first order); any other keys on the line are kept.
     """
     if format not in ("native", "medrega"):
-        raise ValueError(f"unknown answer format {format!r}")
+        raise BadInput(f"unknown answer format {format!r}")
     items = []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -170,11 +148,11 @@ def read_answers(path, format: str = "native") -> list[dict]:
                 row["prediction"] = row.pop("answer")
                 row["ground_truth"] = row.pop("gt")
             except (KeyError, TypeError, ValueError) as e:
-                raise ValueError(f"{path}:{lineno}: not a MedRegA answer line ({e})") from e
+                raise BadInput(f"{path}:{lineno}: not a MedRegA answer line ({e})") from e
             row["height"], row["width"] = h, w
         else:
             missing = {"prediction", "ground_truth"} - row.keys()
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing keys {sorted(missing)}")
+                raise BadInput(f"{path}:{lineno}: missing keys {sorted(missing)}")
         items.append(row)
     return items

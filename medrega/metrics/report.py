@@ -26,7 +26,8 @@ from rouge_score import rouge_scorer
 from sacrebleu.metrics import BLEU
 
 from medrega.io import atomic_dir
-from medrega.metrics.text import detect_lang, tokens
+from medrega.grammar import detect_lang
+from medrega.metrics.text import tokens
 
 WORDNET_ENV = "MEDREGA_WORDNET"
 

@@ -10,21 +10,18 @@ leaving them out.
 """
 from __future__ import annotations
 
-import re
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
+from medrega.grammar import detect_lang, parse_regions, strip_regions
 from medrega.metrics import answers, plugins, region, report, text
 from medrega.vocab import names_match
-from model.boxes import parse_regions
+from medrega.errors import BadInput
 
 TASKS = ("t2r", "r2t", "grounded", "report", "caption", "vqa", "cls")
 GROUP_KEYS = ("lang", "modality", "setting")
 MODEL_METRICS = plugins.PLUGINS
 NOT_COMPUTED = plugins.NOT_REQUESTED
-
-_TAGS = re.compile(r"<ref>.*?</ref>|<box>.*?</box>", re.DOTALL)
-
 
 def _description(answer: str) -> str:
     """The text of a grounded report: after the last box, or the whole answer without its
@@ -32,11 +29,11 @@ def _description(answer: str) -> str:
     parsed = parse_regions(answer)
     if parsed.text is not None:
         return parsed.text
-    return _TAGS.sub(" ", answer if isinstance(answer, str) else "").strip(" :：,，\n")
+    return strip_regions(answer)
 
 
 def _lang(item: dict) -> str:
-    return item.get("lang") or text.detect_lang(item.get("ground_truth") or "")
+    return item.get("lang") or detect_lang(item.get("ground_truth") or "")
 
 
 class Scorer:
@@ -61,7 +58,7 @@ class Scorer:
             return answers.score_vqa_sample(item)
         if task == "cls":
             return answers.score_cls_sample(item)
-        raise ValueError(f"item {idx}: unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise BadInput(f"item {idx}: unknown task {task!r} (known: {', '.join(TASKS)})")
 
     def _text_means(self, samples: list[dict]) -> dict:
         n = len(samples)
@@ -99,9 +96,9 @@ def score_samples(items: Iterable[dict], task: str | None = None, scorer: Scorer
             continue
         kind = own or task
         if kind is None:
-            raise ValueError(f"item {idx}: no task on the line; pass --task ({', '.join(TASKS)})")
+            raise BadInput(f"item {idx}: no task on the line; pass --task ({', '.join(TASKS)})")
         s = scorer.sample(kind, item, idx)
-        s.update(task=kind, index=idx, groups={k: item.get(k) for k in GROUP_KEYS})
+        s.update(task=kind, index=idx, groups={**{k: item.get(k) for k in GROUP_KEYS}, "lang": _lang(item)})
         out.append(s)
     return out
 

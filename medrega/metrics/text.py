@@ -11,17 +11,16 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import Counter
-from typing import Iterable
+
 
 from sacrebleu.metrics import BLEU
 
-from medrega.metrics import breakdown
+from medrega.grammar import CJK, detect_lang
 from medrega.vocab import names_match
 
 ACCURACY_RECALL = 0.75
 
-_CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]")
-_ZH_TOKEN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]|[a-z0-9]+")
+_ZH_TOKEN = re.compile(f"[{CJK}]|[a-z0-9]+")
 _EN_TOKEN = re.compile(r"[a-z0-9]+")
 
 # sacrebleu's own tokenizers: '13a' for English, 'zh' (splits CJK characters) for Chinese.
@@ -30,10 +29,6 @@ _BLEU1 = {
     "en": BLEU(max_ngram_order=1, tokenize="13a", lowercase=True, effective_order=True),
     "zh": BLEU(max_ngram_order=1, tokenize="zh", lowercase=True, effective_order=True),
 }
-
-
-def detect_lang(text: str) -> str:
-    return "zh" if _CJK.search(text or "") else "en"
 
 
 def tokens(text: str, lang: str) -> list[str]:
@@ -78,17 +73,3 @@ def aggregate(samples: list[dict]) -> dict:
     for key in METRIC_KEYS:
         out[key] = sum(s[key] for s in samples) / n if n else 0.0
     return out
-
-
-def score_r2t(items: Iterable[dict]) -> dict:
-    """Macro averages over items with `prediction`, `ground_truth`, optional `lang`, `modality`."""
-    samples = []
-    for item in items:
-        reference = item.get("ground_truth") or ""
-        lang = item.get("lang") or detect_lang(reference)
-        s = score_text(item.get("prediction"), reference, lang)
-        s["groups"] = {"lang": lang, "modality": item.get("modality")}
-        samples.append(s)
-    result = aggregate(samples)
-    result["by"] = breakdown(samples, ("lang", "modality"), aggregate)
-    return result

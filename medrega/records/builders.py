@@ -17,7 +17,7 @@ from medrega.records.templates import TEMPLATES
 from medrega.sources import Sample
 from medrega.sources.samed2d import mask_boxes
 from medrega.vocab import BY_KEY, MODALITIES
-from model.boxes import encode_box, format_box, format_regions
+from medrega.grammar import encode_box, format_box, format_regions, with_image
 
 TASKS = ("caption", "r2t", "t2r")
 LANGS = ("en", "zh")
@@ -99,7 +99,7 @@ def make_record(sample: Sample, split: str, task: str, lang: str, setting: str |
     return {
         "id": f"{task}-{lang}-{rid}",
         "image": sample.rel_image, "width": sample.width, "height": sample.height,
-        "conversations": [{"from": "human", "value": "<image>\n" + question},
+        "conversations": [{"from": "human", "value": with_image(question)},
                           {"from": "gpt", "value": answer}],
         "task": task, "lang": lang, "setting": setting,
         "modality": sample.modality, "dataset": sample.dataset, "split": split, **extra,

@@ -17,12 +17,12 @@ from __future__ import annotations
 import random
 
 from medrega.records.builders import _digest, _refs, make_record
-from medrega.records.report_templates import (CATEGORY, NO_LESION, POSITIONS, TEMPLATES, VQA_ANSWER,
-                                              YES_NO)
+from medrega.grammar import VQA_ANSWER
+from medrega.records.report_templates import CATEGORY, NO_LESION, POSITIONS, TEMPLATES, YES_NO
 from medrega.sources import Sample
 from medrega.sources.reports import Report
 from medrega.vocab import BY_KEY, MODALITIES, STRUCTURES
-from model.boxes import format_regions
+from medrega.grammar import format_regions
 
 REPORT_TASKS = ("grounded", "vqa", "report", "cls")
 

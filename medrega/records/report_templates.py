@@ -1,4 +1,4 @@
-"""Question templates and base prompts for the report-based tasks, English and Chinese (SPEC §3):
+"""Question templates for the report-based tasks (base prompts: medrega.grammar), English and Chinese (SPEC §3):
 grounded report generation, VQA (closed yes/no and open), report generation and classification.
 
 Placeholders: `{objects}` (one or more `<ref>name</ref>`, grounded), `{object}` (a plain
@@ -9,11 +9,6 @@ once (the tests check it), so the builder can pick any of them. The VQA answer i
 SPEC §3 is appended to every VQA question, as LLaVA-Med style data does.
 """
 from __future__ import annotations
-
-from medrega.records.templates import _BOX_EN
-from medrega.records.templates import BASE_PROMPTS as REGION_BASE_PROMPTS
-
-VQA_ANSWER = {"en": "Answer the question using a single word or phrase.", "zh": "请用词或短语回答问题。"}
 
 TEMPLATES: dict[str, dict[str, list[str]]] = {
     "grounded": {
@@ -274,32 +269,3 @@ CATEGORY = {"modality": {"en": "imaging modality", "zh": "成像方式"},
             "lesion": {"en": "lesion", "zh": "病变"}}
 NO_LESION = {"en": "none", "zh": "无"}
 YES_NO = {"en": ("yes", "no"), "zh": ("是", "否")}
-
-BASE_PROMPTS: dict[str, dict[str, str]] = {
-    # The released Chinese lesion prompt begins as SPEC §3 quotes; English mirrors it.
-    "grounded": {
-        "en": "You are a helpful medical assistant. Your task is to locate and describe the organs "
-              "or lesions named in the question. " + _BOX_EN + " Answer in the form "
-              "<ref>object</ref><box>[[x1, y1, x2, y2]]</box>, followed by a colon and the description.",
-        "zh": "你是一个医疗助手，你的任务是定位并描述病种。病种区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。"
-              "这些值分别对应左上角x、左上角y、右下角x和右下角y。请按<ref>目标</ref><box>[[x1, y1, x2, y2]]</box>：描述 的格式回答。",
-    },
-    "vqa": {
-        "en": "You are a helpful medical assistant. Your task is visual question answering. "
-              "Answer the question about the given medical image. " + VQA_ANSWER["en"],
-        "zh": "你是一个医疗助手，你的任务是视觉问答。请回答关于给定医学影像的问题。" + VQA_ANSWER["zh"],
-    },
-    "report": {
-        "en": "You are a helpful medical assistant. Your task is report generation. Write the report "
-              "of the given medical image in the form \"Findings: ... Impression: ...\".",
-        "zh": "你是一个医疗助手，你的任务是报告生成。请按“影像诊断：… 影像结论：…”的格式撰写给定医学影像的报告。",
-    },
-    "cls": {
-        "en": "You are a helpful medical assistant. Your task is image classification. Answer with "
-              "exactly one of the labels listed in the question.",
-        "zh": "你是一个医疗助手，你的任务是图像分类。请只用问题中列出的一个标签回答。",
-    },
-}
-
-# Every task's base prompt, the region tasks' included: what materialize writes into meta files.
-ALL_BASE_PROMPTS: dict[str, dict[str, str]] = {**REGION_BASE_PROMPTS, **BASE_PROMPTS}

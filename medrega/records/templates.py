@@ -1,4 +1,4 @@
-"""Question templates and base prompts for the region tasks, in English and Chinese (SPEC §3).
+"""Question templates for the region tasks (base prompts: medrega.grammar), in English and Chinese (SPEC §3).
 
 Placeholders: `{modality}` (display name of the modality in the record's language), `{region}`
 (a `<box>[[..]]</box>` string, Region-to-Text) and `{objects}` (one or more `<ref>name</ref>`,
@@ -157,35 +157,6 @@ TEMPLATES: dict[str, dict[str, list[str]]] = {
             "图像的哪个区域包含{objects}？",
             "请定位这张医学影像中{objects}的所有区域。",
         ],
-    },
-}
-
-_BOX_EN = ("The region is represented in the form of bounding box, [x1, y1, x2, y2], with integers "
-           "ranging from 0 to 999. These values correspond to the top left x, top left y, bottom "
-           "right x, and bottom right y.")
-_BOX_ZH = "区域用边界框的形式表示，[x1, y1, x2, y2]，整数范围从0到999。这些值分别对应左上角x、左上角y、右下角x和右下角y。"
-
-BASE_PROMPTS: dict[str, dict[str, str]] = {
-    "caption": {
-        "en": "You are a helpful medical assistant. Your task is image captioning. You are required "
-              "to describe the given medical image briefly, naming its modality and the visible structures.",
-        "zh": "你是一个医疗助手，你的任务是图像描述。请简要描述给定的医学影像，说明其成像方式和可见的结构。",
-    },
-    # Released Region-to-Text prompt, verbatim (SPEC §3).
-    "r2t": {
-        "en": "You are a helpful medical assistant. Your task is object recognition. You are required "
-              "to recognize the object in the given region. " + _BOX_EN,
-        "zh": "你是一个医疗助手，你的任务是目标识别。你需要识别给定区域中的目标。" + _BOX_ZH,
-    },
-    # Text-to-Region: the same box description plus the answer format sentence.
-    "t2r": {
-        "en": "You are a helpful medical assistant. Your task is object detection. You are required "
-              "to locate the given objects in the image. " + _BOX_EN + " Answer in the form "
-              "<ref>object</ref><box>[[x1, y1, x2, y2]]</box>; list several boxes of one object "
-              "inside one <box>, and separate different objects with commas.",
-        "zh": "你是一个医疗助手，你的任务是定位目标。你需要在图像中定位给定的目标。" + _BOX_ZH
-              + "请按<ref>目标</ref><box>[[x1, y1, x2, y2]]</box>的格式回答；同一目标的多个区域写在同一个<box>中，"
-              "不同目标之间用逗号分隔。",
     },
 }
 

@@ -19,6 +19,7 @@ import os
 
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
+from medrega.errors import BadInput
 
 # The key used when neither the caller nor MEDREGA_DEID_KEY gives one: deterministic embedded
 # data needs a fixed key; it is fine only for data that is public anyway (the packages' scans).
@@ -95,7 +96,7 @@ def _digest(key: bytes, domain: str, value: str) -> bytes:
 def pseudonym(patient_id: str, key: str | bytes | None = None) -> str:
     """Stable pseudonymous patient id ("p" + 12 hex chars) used for case names and splits."""
     if not str(patient_id).strip():
-        raise ValueError("pseudonym: empty PatientID (rule: every scan needs a patient to split on)")
+        raise BadInput("pseudonym: empty PatientID (rule: every scan needs a patient to split on)")
     return "p" + _digest(resolve_key(key), "patient", str(patient_id).strip()).hex()[:12]
 
 
@@ -140,7 +141,7 @@ def deidentify(ds: Dataset, key: str | bytes | None = None) -> tuple[Dataset, st
     source = pid or str(ds.get("StudyInstanceUID", "") or ds.get("SeriesInstanceUID", "") or "")
     pid_hash = pseudonym(source, k) if source else None
     if pid_hash is None:
-        raise ValueError("de-identification: no PatientID, StudyInstanceUID or SeriesInstanceUID "
+        raise BadInput("de-identification: no PatientID, StudyInstanceUID or SeriesInstanceUID "
                          "(rule: every scan needs a patient to split on)")
     _clean(ds, k)
     meta = getattr(ds, "file_meta", None)

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
+from medrega.config import DataConfig
 from medrega.sources.deid import pseudonym
 from medrega.sources.dicom import load_series
 from medrega.sources.layout import write_slices
@@ -126,7 +127,7 @@ def add_package_scans(root: Path, key=None, min_pixels: int = 10) -> dict:
     return summary
 
 
-def build_default(root: Path, data_params: dict) -> dict:
+def build_default(root: Path, d: DataConfig) -> dict:
     """The embedded default raw data in one call: the synthetic SA-Med2D-layout scans, then
     (when `data.package_scans` is true, the default) the real package scans merged in, then the
     bilingual reports file over every image.
@@ -138,9 +139,8 @@ def build_default(root: Path, data_params: dict) -> dict:
     from medrega.sources.reports import write_reports
     from medrega.sources.synthetic import generate
 
-    d = data_params
-    summary = generate(Path(root), d["patients_per_modality"], d["slices_per_patient"], d["image_size"], d["seed"])
-    summary["package_scans"] = add_package_scans(Path(root)) if d.get("package_scans", True) else None
+    summary = generate(Path(root), d.patients_per_modality, d.slices_per_patient, d.image_size, d.seed)
+    summary["package_scans"] = add_package_scans(Path(root)) if d.package_scans else None
     # Reports last: they describe every image in the root, the package scans included.
-    summary["reports"] = write_reports(Path(root), seed=d["seed"])
+    summary["reports"] = write_reports(Path(root), seed=d.seed)
     return summary

@@ -30,7 +30,8 @@ from PIL import Image
 from medrega.sources import Sample
 from medrega.sources.reports import Report
 from medrega.vocab import canonical
-from model.boxes import encode_box
+from medrega.grammar import encode_box
+from medrega.errors import BadInput
 
 DATASET = "MIMICCXR"
 R_UTF8 = "report file is UTF-8"
@@ -45,7 +46,7 @@ _SENTENCE = re.compile(r"(?<=[.!?])\s+")
 _STOP = {"right", "left", "upper", "lower", "mid", "zone", "the", "and"}
 
 
-class MimicError(ValueError):
+class MimicError(BadInput):
     def __init__(self, path, record: str | None, rule: str, detail: str):
         super().__init__(f"{path}" + (f" (record {record})" if record else "") + f": rule '{rule}' failed: {detail}")
         self.path, self.record, self.rule = str(path), record, rule

@@ -26,13 +26,12 @@ import re
 from pathlib import Path
 from typing import Iterator
 
+from medrega import grammar, metafile
+
 TASK_HINTS = (("grounded", "grounded"), ("grounding", "grounded"), ("report", "report"),
               ("caption", "caption"), ("vqa", "vqa"), ("cls", "cls"), ("classif", "cls"),
               ("r2t", "r2t"), ("region_to_text", "r2t"), ("t2r", "t2r"), ("text_to_region", "t2r"),
               ("detection", "t2r"), ("recognition", "r2t"))
-_CJK = re.compile(r"[\u4e00-\u9fff]")
-_BOX = re.compile(r"<box>(.*?)</box>", re.DOTALL)
-_REF = re.compile(r"<ref>.*?</ref>", re.DOTALL)
 
 R_UTF8 = "record is UTF-8"
 R_JSON = "record is a JSON object"
@@ -40,7 +39,7 @@ R_SHAPE = "record has image and human/gpt turns"
 
 
 def infer_lang(texts: list[str]) -> str:
-    return "zh" if any(_CJK.search(t) for t in texts) else "en"
+    return "zh" if any(grammar.detect_lang(t) == "zh" for t in texts) else "en"
 
 
 def infer_task(dataset: str, question: str, answer: str) -> str:
@@ -61,8 +60,8 @@ def infer_task(dataset: str, question: str, answer: str) -> str:
 
 def t2r_setting(answer: str) -> str:
     """SS/SM/MS/MM from the answer: how many objects (<ref>s) and whether any has several boxes."""
-    objects = max(1, len(_REF.findall(answer)))
-    multi = any(body.count("[") - 1 > 1 for body in _BOX.findall(answer))
+    objects = max(1, len(grammar.ref_names(answer)))
+    multi = any(len(grammar.parse_box_body(body)[0]) > 1 for body in grammar.box_bodies(answer))
     return ("M" if objects > 1 else "S") + ("M" if multi else "S")
 
 
@@ -81,29 +80,16 @@ def _check_shape(obj) -> str | None:
     return None
 
 
-def resolve(meta_path: Path, value: str) -> Path:
-    """Release paths may be relative to the meta file's folder."""
-    p = Path(value)
-    return p if p.is_absolute() else (Path(meta_path).parent / p)
-
-
-def read_meta(meta_path: Path) -> dict[str, dict]:
-    meta = json.loads(Path(meta_path).read_text(encoding="utf-8"))
-    if not isinstance(meta, dict) or not all(isinstance(e, dict) and "annotation" in e for e in meta.values()):
-        raise ValueError(f"{meta_path}: rule 'meta file registers annotation files' failed: "
-                         "expected {dataset: {root, annotation, ...}}")
-    return meta
-
-
 def iter_released(meta_path: Path) -> Iterator[tuple[str, dict, dict | None, dict | None]]:
     """(dataset name, meta entry, record or None, rejection or None) per line of every file.
 
+    Entries come with `root` and `annotation` resolved against the meta file's folder.
     A rejection is {"file", "line", "id", "rule", "detail"}; a record is normalised (stable id,
     task, lang, setting, split "train", source "released", `<image>` made explicit).
     """
     meta_path = Path(meta_path)
-    for name, entry in sorted(read_meta(meta_path).items()):
-        path = resolve(meta_path, entry["annotation"])
+    for name, entry in metafile.read(meta_path):
+        path = Path(entry["annotation"])
         seen: dict[str, int] = {}
         with path.open("rb") as fh:
             for lineno, raw in enumerate(fh, start=1):
@@ -127,8 +113,8 @@ def iter_released(meta_path: Path) -> Iterator[tuple[str, dict, dict | None, dic
 
 def normalise(obj: dict, dataset: str, seen: dict[str, int]) -> dict:
     conv = [dict(t) for t in obj["conversations"]]
-    if not any("<image>" in t["value"] for t in conv):
-        conv[0]["value"] = "<image>\n" + conv[0]["value"]
+    if not any(grammar.count_images(t["value"]) for t in conv):
+        conv[0]["value"] = grammar.with_image(conv[0]["value"])
     question, answer = conv[0]["value"], conv[1]["value"]
     task = infer_task(dataset, question, answer)
     lang = infer_lang([t["value"] for t in conv])

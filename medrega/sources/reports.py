@@ -25,6 +25,7 @@ from pathlib import Path
 
 from medrega.sources.findings import impression, structure_sentence
 from medrega.sources.samed2d import iter_samples, mask_boxes
+from medrega.errors import BadInput
 
 REPORTS_FILE = "reports.jsonl"
 LANGS = ("en", "zh")
@@ -36,7 +37,7 @@ R_LANGS = "report text in both languages"
 R_UNIQUE = "one report per image"
 
 
-class ReportError(ValueError):
+class ReportError(BadInput):
     """A reports file cannot be used; the message names the file, line/record and rule."""
 
     def __init__(self, path, line: int | None, record: str | None, rule: str, detail: str):

@@ -21,6 +21,7 @@ from scipy import ndimage
 
 from medrega.sources import Region, Sample
 from medrega.vocab import MODALITIES, canonical
+from medrega.errors import BadInput
 
 MAPPING_FILE = "SAMed2D_v1.json"
 CLASS_MAPPING_FILE = "SAMed2D_v1_class_mapping_id.json"
@@ -43,10 +44,10 @@ def parse_image_name(name: str) -> dict[str, str]:
     base = name.rsplit("/", 1)[-1]
     m = _IMAGE_RE.match(base)
     if not m:
-        raise ValueError(f"{name}: image name does not follow the SA-Med2D rule {IMAGE_RULE}")
+        raise BadInput(f"{name}: image name does not follow the SA-Med2D rule {IMAGE_RULE}")
     modality = _MODALITY_ALIASES.get(m["modality"], m["modality"])
     if modality not in MODALITIES:
-        raise ValueError(f"{name}: modality prefix {m['modality']!r} is not one of "
+        raise BadInput(f"{name}: modality prefix {m['modality']!r} is not one of "
                          f"{sorted(MODALITIES)} (rule {IMAGE_RULE})")
     return {"modality": modality, "dataset": m["dataset"], "case": m["case"],
             "patient": _FRAME_SUFFIX.sub("", m["case"]), "axis": m["axis"], "slice": m["slice"]}
@@ -57,7 +58,7 @@ def parse_mask_name(name: str, image_stem: str) -> tuple[int, int]:
     base = name.rsplit("/", 1)[-1]
     m = _MASK_RE.match(base)
     if not m or m["stem"] != image_stem:
-        raise ValueError(f"{name}: mask name does not follow the SA-Med2D rule {MASK_RULE} "
+        raise BadInput(f"{name}: mask name does not follow the SA-Med2D rule {MASK_RULE} "
                          f"for image stem {image_stem!r}")
     return int(m["cls"]), int(m["inst"])
 
@@ -65,11 +66,11 @@ def parse_mask_name(name: str, image_stem: str) -> tuple[int, int]:
 def class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
     """dataset -> {class id: label}. The release maps label -> id; accept id -> label as well."""
     if not isinstance(class_mapping, dict):
-        raise ValueError(f"{path}: expected an object mapping datasets to {{label: class id}}")
+        raise BadInput(f"{path}: expected an object mapping datasets to {{label: class id}}")
     out: dict[str, dict[int, str]] = {}
     for dataset, table in class_mapping.items():
         if not isinstance(table, dict):
-            raise ValueError(f"{path}: entry {dataset!r} must map labels to class ids")
+            raise BadInput(f"{path}: entry {dataset!r} must map labels to class ids")
         inv: dict[int, str] = {}
         for k, v in table.items():
             if isinstance(v, int) and not isinstance(v, bool):
@@ -77,14 +78,14 @@ def class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
             elif isinstance(v, str) and str(k).isdigit():
                 inv[int(k)] = v
             else:
-                raise ValueError(f"{path}: {dataset}/{k!r}: expected label -> integer class id")
+                raise BadInput(f"{path}: {dataset}/{k!r}: expected label -> integer class id")
         out[dataset] = inv
     return out
 
 
 def _load_json(path: Path):
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (an SA-Med2D root holds {MAPPING_FILE} and {CLASS_MAPPING_FILE})")
+        raise BadInput(f"{path}: missing (an SA-Med2D root holds {MAPPING_FILE} and {CLASS_MAPPING_FILE})")
     with path.open(encoding="utf-8") as fh:
         return json.load(fh)
 
@@ -103,16 +104,16 @@ def iter_samples(root: Path) -> Iterator[Sample]:
         stem = rel_image.rsplit("/", 1)[-1][: -len(".png")]
         table = classes.get(info["dataset"])
         if table is None:
-            raise ValueError(f"{rel_image}: dataset {info['dataset']!r} has no entry in {CLASS_MAPPING_FILE}")
+            raise BadInput(f"{rel_image}: dataset {info['dataset']!r} has no entry in {CLASS_MAPPING_FILE}")
         regions = []
         for rel_mask in sorted(mapping[rel_image]):
             cls, _ = parse_mask_name(rel_mask, stem)
             if cls not in table:
-                raise ValueError(f"{rel_mask}: class id {cls:04d} is not in {CLASS_MAPPING_FILE} "
+                raise BadInput(f"{rel_mask}: class id {cls:04d} is not in {CLASS_MAPPING_FILE} "
                                  f"for dataset {info['dataset']!r}")
             key = canonical(table[cls])
             if key is None:
-                raise ValueError(f"{rel_mask}: label {table[cls]!r} (class id {cls:04d}, dataset "
+                raise BadInput(f"{rel_mask}: label {table[cls]!r} (class id {cls:04d}, dataset "
                                  f"{info['dataset']!r}) is not in the vocabulary (medrega.vocab)")
             regions.append(Region(label=key, mask=root / rel_mask))
         image = root / rel_image
@@ -127,7 +128,7 @@ def iter_samples(root: Path) -> Iterator[Sample]:
 _CONNECTIVITY = np.ones((3, 3), dtype=bool)
 
 
-def mask_boxes(mask_path: Path, min_pixels: int = 4) -> list[tuple[int, int, int, int]]:
+def mask_boxes(mask: Path | Image.Image, min_pixels: int = 4) -> list[tuple[int, int, int, int]]:
     """Pixel boxes (x1, y1, x2, y2), x2/y2 = max + 1, one per connected component of the mask.
 
     Components smaller than `min_pixels` are annotation specks, not regions, and are dropped.
@@ -138,15 +139,24 @@ def mask_boxes(mask_path: Path, min_pixels: int = 4) -> list[tuple[int, int, int
     image), and connected components only inside the mask's bounding box (PIL's getbbox is one
     C pass), which is usually a small part of the slice.
     """
-    with Image.open(mask_path) as im:
-        if im.mode not in ("L", "1"):  # palette, 16-bit, RGB: "non-zero" means non-zero grey
-            im = im.convert("L")
-        bbox = im.getbbox()  # nonzero pixels; None when the mask is empty
-        if bbox is None:
-            return []
-        arr = np.asarray(im.crop(bbox)) > 0
+    if isinstance(mask, Image.Image):
+        bbox, arr = _foreground(mask)
+    else:
+        with Image.open(mask) as im:
+            bbox, arr = _foreground(im)
+    if bbox is None:
+        return []
     x0, y0 = bbox[0], bbox[1]
     return component_boxes(arr, min_pixels, x0, y0, crop_box=bbox)
+
+
+def _foreground(im: Image.Image):
+    """(bbox of the non-zero pixels or None, boolean array inside it): the one definition of a
+    mask's foreground, for the builders and for validation alike."""
+    if im.mode not in ("L", "1"):  # palette, 16-bit, RGB: "non-zero" means non-zero grey
+        im = im.convert("L")
+    bbox = im.getbbox()  # nonzero pixels; None when the mask is empty
+    return (None, None) if bbox is None else (bbox, np.asarray(im.crop(bbox)) > 0)
 
 
 def component_boxes(arr: np.ndarray, min_pixels: int, x0: int = 0, y0: int = 0,

@@ -12,9 +12,10 @@ import numpy as np
 from scipy import ndimage
 
 from medrega.vocab import BY_KEY, canonical
+from medrega.errors import BadInput
 
 
-class ScanError(ValueError):
+class ScanError(BadInput):
     """A scan or label source that cannot be used. The message names the file and the rule."""
 
     def __init__(self, file, rule: str, detail: str = ""):
@@ -101,11 +102,11 @@ def select_slices(n_slices: int, labelled: np.ndarray, policy: str, k: int = 1) 
         return [i for i in range(n_slices) if labelled[i]]
     if policy == "every_k":
         if k < 1:
-            raise ValueError(f"slice policy every_k needs k >= 1, got {k}")
+            raise BadInput(f"slice policy every_k needs k >= 1, got {k}")
         hits = np.flatnonzero(labelled)
         start = int(hits[0]) if hits.size else 0
         return list(range(start, n_slices, k))
-    raise ValueError(f"unknown slice policy {policy!r}; choose one of {POLICIES}")
+    raise BadInput(f"unknown slice policy {policy!r}; choose one of {POLICIES}")
 
 
 def label_key(name: str, file, rule: str = "label maps to the vocabulary") -> str:

@@ -28,6 +28,7 @@ from PIL import Image
 from scipy import ndimage
 
 from medrega.vocab import BY_KEY, MODALITIES
+from medrega.errors import BadInput
 
 MAPPING_FILE = "SAMed2D_v1.json"
 CLASS_MAPPING_FILE = "SAMed2D_v1_class_mapping_id.json"
@@ -171,7 +172,7 @@ def _background(kind: str, size: int, rng: np.random.Generator, rgb: bool) -> np
         disc = inside(0.5, 0.5, 0.47, 0.47)[..., None]
         img = np.where(disc, np.array([195.0, 85, 40]), 0.0) + ramp[..., None] * disc
     else:
-        raise ValueError(f"unknown background kind {kind!r}")
+        raise BadInput(f"unknown background kind {kind!r}")
     if rgb and img.ndim == 2:
         img = np.repeat(img[..., None], 3, -1)
     return img
@@ -287,7 +288,7 @@ def generate(root: Path, patients_per_modality: int, slices_per_patient: int, im
     """
     root = Path(root)
     if patients_per_modality < 1 or slices_per_patient < 1 or image_size < 32:
-        raise ValueError("need patients_per_modality >= 1, slices_per_patient >= 1, image_size >= 32")
+        raise BadInput("need patients_per_modality >= 1, slices_per_patient >= 1, image_size >= 32")
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

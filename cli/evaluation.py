@@ -6,7 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from medrega.cli import BAD_INPUT, app, console
+from cli.app import app, fail
+from medrega.errors import BadInput
 
 
 @app.command()
@@ -45,9 +46,8 @@ def score(
         items = read_answers(answers, format)
         match = names_match_lenient if name_match == "lenient" else names_match
         result = score_answers(items, task, match, threshold, find_wordnet(wordnet), loaded)
-    except (ValueError, FileNotFoundError, json.JSONDecodeError) as err:
-        console.print(f"[bold red]score failed:[/] {err}")
-        raise typer.Exit(BAD_INPUT) from err
+    except (BadInput, ValueError, FileNotFoundError) as err:  # what the reader says of the file
+        fail(err if isinstance(err, BadInput) else BadInput(str(err)), "score")
     io.write_json(out, result)
     typer.echo(json.dumps({t: {k: v for k, v in m.items() if k != "by"} for t, m in result.items()},
                           indent=2, ensure_ascii=False))

@@ -14,12 +14,13 @@ from typing import Optional
 
 import typer
 
-from medrega.cli import BAD_INPUT, ParamsOpt, ProfileOpt, _params, app, console
+from cli.app import ConfigOpt, ParamsOpt, ProfileOpt, app, console, load
+from medrega.errors import BadInput
 
 
 def _fail(message: str) -> None:
     console.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(BAD_INPUT)
+    raise typer.Exit(BadInput.exit_code)
 
 
 @app.command()
@@ -28,16 +29,17 @@ def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
             force: bool = typer.Option(False, "--force", help="Promote even if a gate metric regressed."),
             reason: Optional[str] = typer.Option(None, help="Why (required with --force); recorded on the version.")):
     """Compare the challenger with the champion on the gate metrics; move `champion` if none regresses."""
+    from cli.app import fail
     from flows.promote import promote_flow
-    from medrega.registry import PromotionError
+    from medrega.errors import MedregaError
 
     if force and not (reason or "").strip():
         _fail("--force needs --reason: a manual override is recorded with its reason")
     try:
         result = promote_flow(params_file=str(params), profile=profile, version=version,
                               override_reason=reason if force else None)
-    except PromotionError as err:
-        _fail(str(err))
+    except MedregaError as err:
+        fail(err, "promote")
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
     if result["decision"] == "refused":
         console.print(f"[yellow]not promoted:[/] {result['reason']} (override: --force --reason '...')")
@@ -45,7 +47,7 @@ def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
 
 
 @app.command()
-def rollback(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+def rollback(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
              to: Optional[str] = typer.Option(None, help="Version to restore (default: the one the champion replaced)."),
              reason: str = typer.Option("rollback", help="Why; recorded on both versions.")):
     """Move `champion` back to the previous champion (or to --to VERSION)."""
@@ -53,28 +55,28 @@ def rollback(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
 
     from medrega import registry, tracking
 
-    cfg = _params(params, profile)["register"]
+    cfg = load(config, params, profile).register_
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        result = registry.rollback(mlflow.MlflowClient(), cfg["model_name"], champion_alias=cfg["champion_alias"],
+        result = registry.rollback(mlflow.MlflowClient(), cfg.model_name, champion_alias=cfg.champion_alias,
                                    to=to, reason=reason)
     except (registry.PromotionError, mlflow.exceptions.MlflowException) as err:
         _fail(str(getattr(err, "message", err)))
     typer.echo(json.dumps(result, indent=2))
 
 
-def _model_uri(cfg: dict, model: Optional[str]) -> str:
-    return model or f"models:/{cfg['model_name']}@{cfg['champion_alias']}"
+def _model_uri(cfg, model: Optional[str]) -> str:
+    return model or f"models:/{cfg.model_name}@{cfg.champion_alias}"
 
 
 @app.command()
-def serve(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+def serve(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
           model: Optional[str] = typer.Option(None, help="Model URI (default: models:/<name>@champion)."),
           host: str = "127.0.0.1", port: int = 5001):
     """Serve the champion over HTTP (`mlflow models serve`, this environment, no conda/virtualenv)."""
     from medrega import tracking
 
-    cfg = _params(params, profile)["register"]
+    cfg = load(config, params, profile).register_
     bin_dir = str(Path(sys.executable).parent)
     # MLflow execs `uvicorn` by name: this environment's bin must be on PATH even when not activated
     env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(),
@@ -91,7 +93,7 @@ def predict(image: Path = typer.Option(..., help="PNG, JPEG or DICOM file."),
             question: str = typer.Option(..., help="e.g. 'Where is the <ref>liver</ref>?'"),
             out: Optional[Path] = typer.Option(None, help="Write the image with the regions drawn and named."),
             task: Optional[str] = typer.Option(None, help="r2t | t2r | caption: picks the tuned base prompt."),
-            params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+            config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
             model: Optional[str] = typer.Option(None, help="Model URI or local path (default: models:/<name>@champion).")):
     """Ask the champion a question about a scan; print the answer and regions, optionally draw them."""
     import base64
@@ -103,7 +105,7 @@ def predict(image: Path = typer.Option(..., help="PNG, JPEG or DICOM file."),
     from medrega import tracking
     from medrega.scans import ScanError, draw_regions, read_scan
 
-    cfg = _params(params, profile)["register"]
+    cfg = load(config, params, profile).register_
     try:
         scan = read_scan(image)
     except ScanError as err:

@@ -1,16 +1,28 @@
-"""Box codec, formatter and parser (SPEC §2)."""
+"""The text format (SPEC §1-3): box codec, formatter and parser, tags, language, prompts."""
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.boxes import (
+from medrega.grammar import (
     GRID,
+    IMAGE,
+    base_prompt,
+    box_bodies,
+    count_images,
+    detect_lang,
+    expand_image,
+    forbidden_tokens,
+    ref_names,
+    strip_regions,
+    tags_balanced,
+    user_text,
+    with_image,
+    without_image,
     decode_box,
     encode_box,
     format_box,
     format_region,
     format_regions,
-    parse_question_box,
     parse_regions,
 )
 
@@ -162,13 +174,52 @@ def test_parse_non_string_input():
     assert not parse_regions(123).ok
 
 
-def test_parse_question_box_spec_example():
+def test_spec_examples_read_back():
     q = "<image>\nWhat is <ref>this</ref><box>[[421, 351, 505, 470]]</box> in this CT scan?"
-    assert parse_question_box(q) == [[421, 351, 505, 470]]
-    assert parse_question_box("What can be visualized in the <box>[[214, 437, 392, 619]]</box> of this medical scan?") == [
-        [214, 437, 392, 619]
-    ]
-    assert parse_question_box("no box here") == []
+    assert parse_regions(q).boxes == [[421, 351, 505, 470]] and ref_names(q) == ["this"]
+    assert parse_regions("What can be visualized in the <box>[[214, 437, 392, 619]]</box> of this scan?").boxes == [
+        [214, 437, 392, 619]]
+    assert parse_regions("no box here").boxes == [] and ref_names("no box here") == []
+    ask = "Could you specify the corner points for a bounding box surrounding <ref>heart myocardium</ref> <ref>right ventricle</ref>?"
+    assert ref_names(ask) == ["heart myocardium", "right ventricle"]
+
+
+def test_tags_balanced_and_box_bodies():
+    assert tags_balanced("<ref>a</ref><box>[[1, 2, 3, 4]]</box>") and tags_balanced("plain")
+    assert not tags_balanced("<ref>a<box>[[1, 2, 3, 4]]</box></ref>")   # nested
+    assert not tags_balanced("<ref>a</ref><box>[[1, 2, 3, 4]]")         # unclosed
+    assert not tags_balanced("</box>")
+    assert box_bodies("<box>[[1, 2, 3, 4]]</box> and <box>[[5, 6, 7, 8], [9, 9, 10, 10]]</box>") == [
+        "[[1, 2, 3, 4]]", "[[5, 6, 7, 8], [9, 9, 10, 10]]"]
+    assert strip_regions("<ref>liver</ref><box>[[1, 2, 3, 4]]</box>: normal size.") == "normal size."
+
+
+def test_one_definition_of_chinese():
+    assert detect_lang("左肾") == "zh" and detect_lang("left kidney") == "en" and detect_lang("") == "en"
+    assert detect_lang("CT 图像") == "zh"
+    assert detect_lang("\u3400") == "zh"  # extension A counts (the metrics once used a narrower range)
+
+
+def test_image_placeholder_round_trip():
+    record_turn = with_image("Where is the <ref>liver</ref>?")
+    assert record_turn.startswith(IMAGE + "\n") and count_images(record_turn) == 1
+    assert without_image(record_turn) == "Where is the <ref>liver</ref>?"
+    assert user_text(record_turn, "BASE") == IMAGE + "\nBASE Where is the <ref>liver</ref>?"
+    assert expand_image(user_text(record_turn, None), 3) == (
+        "<img><IMG_CONTEXT><IMG_CONTEXT><IMG_CONTEXT></img>\nWhere is the <ref>liver</ref>?")
+
+
+def test_every_task_has_a_base_prompt_in_both_languages():
+    for task in ("caption", "r2t", "t2r", "grounded", "vqa", "report", "cls"):
+        assert base_prompt(task, "en") and base_prompt(task, "zh")
+        assert detect_lang(base_prompt(task, "zh")) == "zh"
+    assert base_prompt("nope", "en") is None
+
+
+def test_user_text_may_not_carry_framing_tokens():
+    assert forbidden_tokens("What is <box>[[1, 2, 3, 4]]</box>? <ref>liver</ref>") == []
+    assert forbidden_tokens("hi <IMG_CONTEXT>") == ["<IMG_CONTEXT>"]
+    assert "<|im_end|>" in forbidden_tokens("x<|im_end|>\n<|im_start|>system")
 
 
 # --- properties ---------------------------------------------------------------------------
@@ -229,4 +280,4 @@ def test_parser_never_raises_on_tag_soup(text):
     r = parse_regions(text)
     if r.ok:
         assert r.regions and r.n_invalid == 0
-    assert parse_question_box(text) == r.boxes
+    assert all(len(b) == 4 for b in r.boxes)

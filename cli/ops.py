@@ -11,7 +11,8 @@ from typing import Optional
 
 import typer
 
-from medrega.cli import BAD_INPUT, ParamsOpt, ProfileOpt, _params, app, console
+from cli.app import ConfigOpt, ParamsOpt, ProfileOpt, app, console, load
+from medrega.errors import BadInput
 
 remote_app = typer.Typer(no_args_is_help=True, help="Configure the DVC remote (S3: AWS, MinIO, Ceph).")
 app.add_typer(remote_app, name="remote")
@@ -36,7 +37,7 @@ def remote_s3(bucket: str = typer.Option(..., help="Bucket name (no s3:// and no
         cmds = configure_s3(remote)
     except StorageError as err:
         console.print(f"[bold red]remote s3 failed:[/] {err}")
-        raise typer.Exit(BAD_INPUT) from err
+        raise typer.Exit(BadInput.exit_code) from err
     for cmd in cmds:
         typer.echo("dvc " + " ".join(cmd))
     typer.echo(f"DVC remote {name!r} -> {remote.url}{' (default)' if default else ''}; "
@@ -44,14 +45,14 @@ def remote_s3(bucket: str = typer.Option(..., help="Bucket name (no s3:// and no
 
 
 @app.command()
-def status(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+def status(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
            as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
            remote: bool = typer.Option(True, help="Compare the local cache with the DVC remote (dvc status -c)."),
            check: bool = typer.Option(False, help="Exit 1 when the DVC remote is not in sync.")):
     """Latest run of each stage, the registry's champion and challenger, and the DVC remote's sync."""
     from medrega.status import gather, render
 
-    report = gather(_params(params, profile), Path("."), remote=remote)
+    report = gather(load(config, params, profile), Path("."), remote=remote)
     typer.echo(json.dumps(report, indent=2, default=str) if as_json else render(report))
     if check and report["remote"].get("in_sync") is not True:
         raise typer.Exit(1)

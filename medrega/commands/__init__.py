@@ -1,1 +1,0 @@
-"""CLI command groups beyond the six stages; each module registers its commands on `medrega.cli.app`."""
