@@ -125,12 +125,16 @@ class TextArch:
     num_kv_heads: int
     intermediate_size: int
     vocab_size: int
-    head_dim: int | None = None
+    head_dim: int | None = None            # None: hidden_size // num_heads
     qkv_bias: bool = True
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
 
     @property
     def hd(self) -> int:
-        return self.head_dim or self.hidden_size // self.num_heads
+        return self.head_dim
 
     @property
     def q_dim(self) -> int:
@@ -524,6 +528,9 @@ def llm_layer_saved(t: TextArch, setup: TrainingSetup, batch: int, length: int) 
         per_token += a * (h + h + i + (q if attn == "eager" else 0))  # inputs of qkv, gate/up, down (and o)
     elif setup.stage == "tune" and setup.mode == "lora":
         per_token += _lora_saved_per_token(t, setup)
+        if setup.autocast:  # autocast's 16-bit copies of the fp32 adapter weights, kept for the input gradient
+            proj = t.projections()
+            pairwise += 2 * setup.lora_r * sum(sum(proj[p]) for p in setup.lora_targets)
     return n * per_token + pairwise
 
 
@@ -645,9 +652,9 @@ def _params_note(setup: TrainingSetup, trainable: int, frozen: int, states: dict
             return "offloaded to CPU (ZeRO-3 offload_param)"
         where = f"/ {setup.world} GPUs" if setup.zero_stage == 3 else "replicated"
         return f"16-bit: {frozen / 1e9:.2f} B frozen + {trainable / 1e6:.1f} M trainable, {where}"
-    lora = setup.stage == "tune" and setup.mode == "lora"
-    return (f"{frozen / 1e9:.2f} B in {setup.dtype}" + (f" + {trainable / 1e6:.1f} M LoRA in fp32" if lora else
-                                                        f" incl. {trainable / 1e6:.1f} M trainable"))
+    if setup.stage == "tune" and setup.mode == "lora":
+        return f"{frozen / 1e9:.2f} B in {setup.dtype} + {trainable / 1e6:.1f} M LoRA in fp32"
+    return f"{(frozen + trainable) / 1e9:.2f} B in {setup.dtype}, {trainable / 1e6:.1f} M of them trainable"
 
 
 def _grads_note(setup: TrainingSetup, states: dict) -> str:
@@ -711,58 +718,72 @@ def _with(setup: TrainingSetup, changes: Mapping[str, Any]) -> TrainingSetup:
     return replace(setup, **changes)
 
 
-def _levers(arch: Architecture, setup: TrainingSetup) -> list[Lever]:
-    levers: list[Lever] = []
-
-    def evaluate(name: str, changes: dict, note: str) -> Lever:
-        trial = _with(setup, changes)
-        total = _total(arch, trial)[0]
-        return Lever(name, changes, total, _fits(total, trial)[0], note)
-
-    for name, changes, note in _candidate_levers(arch, setup):
-        levers.append(evaluate(name, changes, note))
-    # more nodes (ZeRO-3 sharding over them)
-    z3 = setup if setup.zero_stage == 3 else _with(setup, {"zero_stage": 3})
+def _more_nodes(arch: Architecture, setup: TrainingSetup) -> dict | None:
+    """The fewest nodes (same GPUs per node) on which the setup fits under ZeRO-3, as changes."""
+    base = {} if setup.zero_stage == 3 else {"zero_stage": 3}
     for nodes in range(setup.nodes + 1, MAX_NODES_SEARCHED + 1):
-        trial = replace(z3, nodes=nodes)
-        total = _total(arch, trial)[0]
-        if _fits(total, trial)[0]:
-            changes = {"nodes": nodes} if setup.zero_stage == 3 else {"nodes": nodes, "zero_stage": 3}
-            levers.append(Lever("more nodes", changes, total, True,
-                                f"{nodes} x {setup.gpus_per_node} GPUs under ZeRO-3"))
-            break
-    # smaller per-device batch, keeping the global batch with more accumulation
+        trial = _with(setup, {**base, "nodes": nodes})
+        if _fits(_total(arch, trial)[0], trial)[0]:
+            return {**base, "nodes": nodes}
+    return None
+
+
+def _smaller_batch(arch: Architecture, setup: TrainingSetup) -> dict | None:
+    """The largest smaller per-device batch that fits, the global batch kept by accumulation."""
     for b in range(setup.per_device_batch - 1, 0, -1):
         if setup.per_device_batch % b:
             continue
         changes = {"per_device_batch": b,
                    "gradient_accumulation": setup.gradient_accumulation * (setup.per_device_batch // b)}
-        lever = evaluate("smaller batch", changes, "same global batch through gradient accumulation")
-        if lever.fits or b == 1:
-            levers.append(lever)
+        if b == 1 or _fits(_total(arch, _with(setup, changes))[0], _with(setup, changes))[0]:
+            return changes
+    return None
+
+
+def _levers(arch: Architecture, setup: TrainingSetup) -> list[Lever]:
+    levers: list[Lever] = []
+
+    def lever(name: str, changes: dict, note: str) -> Lever:
+        trial = _with(setup, changes)
+        total = _total(arch, trial)[0]
+        return Lever(name, changes, total, _fits(total, trial)[0], note)
+
+    for name, changes, note in _candidate_levers(arch, setup):
+        levers.append(lever(name, changes, note))
+    nodes = _more_nodes(arch, setup)
+    if nodes:
+        levers.append(lever("more nodes", nodes, f"{nodes['nodes']} x {setup.gpus_per_node} GPUs under ZeRO-3"))
+    batch = _smaller_batch(arch, setup)
+    if batch:
+        levers.append(lever("smaller batch", batch, "same global batch through gradient accumulation"))
+    if any(lv.fits for lv in levers):
+        return levers
+    # No single lever suffices: apply them one after another, cheapest first, each only if it
+    # lowers the total, until the plan fits (more nodes and the batch are searched afresh each time).
+    changes: dict[str, Any] = {}
+    names: list[str] = []
+    current = _total(arch, setup)[0]
+    steps = [(name, ch) for name, ch, _ in _candidate_levers(arch, setup) if name != "offload parameters"]
+    steps += [("more nodes", None), ("smaller batch", None), ("offload parameters", {
+        "offload_params": True, "offload_optimizer": True, "zero_stage": 3})]
+    for name, ch in steps:
+        trial_setup = _with(setup, changes)
+        if name == "more nodes":
+            ch = _more_nodes(arch, trial_setup)
+        elif name == "smaller batch":
+            ch = _smaller_batch(arch, trial_setup)
+        if not ch:
+            continue
+        trial = _with(setup, {**changes, **ch})
+        total = _total(arch, trial)[0]
+        if total >= current:
+            continue
+        changes, current = {**changes, **ch}, total
+        names.append(name)
+        if _fits(total, trial)[0]:
             break
-    if not any(lv.fits for lv in levers):
-        # no single lever suffices: apply them cumulatively, cheapest first, until the plan fits
-        order = ["gradient checkpointing", "sdpa attention", "ZeRO-3", "more nodes", "offload optimizer",
-                 "smaller batch", "offload parameters"]
-        changes: dict[str, Any] = {}
-        names: list[str] = []
-        for name in order:
-            for lever in levers:
-                if lever.name == name:
-                    trial_changes = {**changes, **lever.changes}
-                    if name == "more nodes" and "nodes" not in trial_changes:
-                        continue
-                    changes = trial_changes
-                    names.append(name)
-                    break
-            trial = _with(setup, changes)
-            if names and _fits(_total(arch, trial)[0], trial)[0]:
-                break
-        if names:
-            trial = _with(setup, changes)
-            total = _total(arch, trial)[0]
-            levers.append(Lever(" + ".join(names), changes, total, _fits(total, trial)[0], "combined"))
+    if names:
+        levers.append(lever(" + ".join(names), changes, "combined"))
     return levers
 
 
@@ -773,10 +794,16 @@ def make_plan(arch: Architecture, setup: TrainingSetup, *, with_levers: bool = T
     fits, usable = _fits(total, setup)
     notes = []
     if setup.deepspeed and not setup.zero_init:
-        notes.append(f"host RAM per node while loading: each of the {setup.gpus_per_node} ranks loads the whole model "
-                     f"({arch.total_params * DTYPE_BYTES[setup.dtype] / GIB:.0f} GiB in {setup.dtype}) before DeepSpeed "
-                     f"partitions it (no zero.Init); DeepSpeed estimates "
-                     f"{details['estimator']['estimator_cpu_bytes_per_node'] / GIB:.0f} GiB for the trainable part")
+        load = arch.total_params * DTYPE_BYTES[setup.dtype]
+        notes.append(f"host RAM while loading: each rank loads the whole model ({load / GIB:.0f} GiB in {setup.dtype}) "
+                     f"before DeepSpeed partitions it (model/train.py builds TrainingArguments after from_pretrained, "
+                     f"so no zero.Init): {setup.gpus_per_node * load / GIB:.0f} GiB per node")
+    if setup.offload_optimizer or setup.offload_params:
+        notes.append(f"host RAM for the offloaded states (DeepSpeed's estimate, per node): "
+                     f"{details['estimator']['estimator_cpu_bytes_per_node'] / GIB:.0f} GiB")
+    if setup.stage == "align" and not fits and not setup.deepspeed:
+        notes.append("align runs in one process without DeepSpeed (tasks/align.py calls train_stage directly): "
+                     "levers with ZeRO-3, offload or more GPUs need it launched like tune")
     if setup.zero_stage == 3:
         notes.append("ZeRO-3 may hold up to stage3_max_live_parameters (DeepSpeed default 1e9, 2 GB in 16-bit) "
                      "gathered at once; the estimator allows 4 B x the largest layer")
@@ -840,7 +867,8 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"Needs: {plan.min_nodes} node(s) x {s.gpus_per_node} GPU(s) "
                      f"({plan.min_nodes * s.gpus_per_node} GPUs; the setup has {s.world})")
     elif not plan.fits:
-        lines.append(f"Needs: more than {s.gpus_per_node} GPU(s) per node can give with these settings")
+        lines.append(f"Needs: no number of nodes fits with these settings (up to {MAX_NODES_SEARCHED}"
+                     f"{'' if s.zero_stage == 3 else '; only ZeRO-3 shards the weights'}); see the levers")
     for lv in plan.levers:
         lines.append(f"  lever {lv.name}: {lv.total_bytes / GIB:.1f} GiB, {'fits' if lv.fits else 'still too much'}"
                      f" ({_changes(lv.changes)})")
