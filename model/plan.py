@@ -47,9 +47,10 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
@@ -174,7 +175,7 @@ class Architecture:
 
     @property
     def projector_in(self) -> int:
-        return self.vision.hidden_size * int(round(1 / self.downsample_ratio)) ** 2
+        return self.vision.hidden_size * round(1 / self.downsample_ratio) ** 2
 
     def parts(self) -> dict[str, int]:
         t = self.text
@@ -355,9 +356,14 @@ class TrainingSetup:
         return self.amp and not self.deepspeed
 
     @property
+    def weight_bytes(self) -> int:
+        """Bytes per weight on the GPU: DeepSpeed with bf16 enabled casts the module to 16-bit."""
+        return 2 if self.deepspeed and self.amp else DTYPE_BYTES[self.dtype]
+
+    @property
     def act_bytes(self) -> int:
-        """Element size of activations: 16-bit under autocast or a 16-bit model, else fp32."""
-        return 2 if self.autocast or DTYPE_BYTES[self.dtype] == 2 else 4
+        """Element size of activations: 16-bit under autocast or with 16-bit weights, else fp32."""
+        return 2 if self.autocast or self.weight_bytes == 2 else 4
 
     def describe(self) -> str:
         what = {"align": "projector", "tune": f"LoRA r{self.lora_r}" if self.mode == "lora" else "full LLM"}[self.stage]
@@ -434,7 +440,9 @@ def _ds_model_states(arch: Architecture, setup: TrainingSetup, trainable: int, f
     largest = arch.largest_layer_params()
     info: dict[str, Any] = {"largest_layer_params": largest}
     if setup.zero_stage == 3:
-        from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs as est
+        from deepspeed.runtime.zero.stage3 import (
+            estimate_zero3_model_states_mem_needs as est,
+        )
 
         def gpu(opt: bool, par: bool) -> int:
             return est(total_params=trainable, largest_layer_params=largest, num_gpus_per_node=gpn, num_nodes=nodes,
@@ -446,12 +454,14 @@ def _ds_model_states(arch: Architecture, setup: TrainingSetup, trainable: int, f
         gathered = both_off
         params16 = 0 if setup.offload_params else opt_off - both_off
         rest = 0 if (setup.offload_optimizer or setup.offload_params) else all_on - opt_off
-        frozen_bytes = 0 if setup.offload_params else math.ceil(frozen * 2 / world)
+        frozen_bytes = 0 if setup.offload_params else math.ceil(frozen * setup.weight_bytes / world)
         info.update(estimator="estimate_zero3_model_states_mem_needs", estimator_gpu_bytes=gpu(
             setup.offload_optimizer or setup.offload_params, setup.offload_params), estimator_cpu_bytes_per_node=cpu)
         return ({"params": params16 + frozen_bytes, "grads": rest * 4 // 16, "optimizer": rest - rest * 4 // 16,
                  "gathered": gathered, "frozen": frozen_bytes, "trainable16": params16}, info)
-    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs as est2
+    from deepspeed.runtime.zero.stage_1_and_2 import (
+        estimate_zero2_model_states_mem_needs as est2,
+    )
 
     all_on = est2(total_params=trainable, num_gpus_per_node=gpn, num_nodes=nodes, cpu_offload=False)[1]
     off = est2(total_params=trainable, num_gpus_per_node=gpn, num_nodes=nodes, cpu_offload=True)[1]
@@ -462,8 +472,9 @@ def _ds_model_states(arch: Architecture, setup: TrainingSetup, trainable: int, f
         grads += 2 * trainable
     info.update(estimator="estimate_zero2_model_states_mem_needs", estimator_gpu_bytes=off if setup.offload_optimizer
                 else all_on, estimator_cpu_bytes_per_node=cpu)
-    return ({"params": off + 2 * frozen, "grads": grads, "optimizer": rest - rest * 6 // 18, "gathered": 0,
-             "frozen": 2 * frozen, "trainable16": off}, info)
+    frozen_bytes = frozen * setup.weight_bytes
+    return ({"params": off + frozen_bytes, "grads": grads, "optimizer": rest - rest * 6 // 18, "gathered": 0,
+             "frozen": frozen_bytes, "trainable16": off}, info)
 
 
 def _trainer_model_states(arch: Architecture, setup: TrainingSetup, trainable: int, frozen: int) -> dict:
@@ -620,7 +631,7 @@ def _total(arch: Architecture, setup: TrainingSetup) -> tuple[int, list[Componen
     ]
     if states.get("gathered"):
         comps.append(Component("ZeRO-3 gathered layer", states["gathered"],
-                               f"DeepSpeed: 4 B x largest layer ({info['largest_layer_params'] / 1e6:.1f} M params)"))
+                               f"DeepSpeed: 4 B x largest layer ({_n(info['largest_layer_params'])} params)"))
     phase = act["peak_phase"]
     if phase == "vision_forward":
         comps.append(Component("activations: vision forward", act["peak"],
@@ -651,10 +662,10 @@ def _params_note(setup: TrainingSetup, trainable: int, frozen: int, states: dict
         if setup.offload_params:
             return "offloaded to CPU (ZeRO-3 offload_param)"
         where = f"/ {setup.world} GPUs" if setup.zero_stage == 3 else "replicated"
-        return f"16-bit: {frozen / 1e9:.2f} B frozen + {trainable / 1e6:.1f} M trainable, {where}"
+        return f"{8 * setup.weight_bytes}-bit: {_n(frozen)} frozen + {_n(trainable)} trainable, {where}"
     if setup.stage == "tune" and setup.mode == "lora":
-        return f"{frozen / 1e9:.2f} B in {setup.dtype} + {trainable / 1e6:.1f} M LoRA in fp32"
-    return f"{(frozen + trainable) / 1e9:.2f} B in {setup.dtype}, {trainable / 1e6:.1f} M of them trainable"
+        return f"{_n(frozen)} in {setup.dtype} + {_n(trainable)} LoRA in fp32"
+    return f"{_n(frozen + trainable)} in {setup.dtype}, {_n(trainable)} of them trainable"
 
 
 def _grads_note(setup: TrainingSetup, states: dict) -> str:
@@ -677,6 +688,14 @@ def _vision_note(setup: TrainingSetup) -> str:
         return "the trainable projector's inputs" + (" and the tower's checkpointed layer inputs"
                                                      if setup.gradient_checkpointing else "")
     return "frozen tower in the graph: enable_input_require_grads hooks its patch embedding (checkpointed inputs)"
+
+
+def _n(count: int) -> str:
+    """A parameter count for people: 40.07 B, 122.9 M, 12.3 k."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.{2 if unit == 'B' else 1}f} {unit}"
+    return str(count)
 
 
 def _fits(total: int, setup: TrainingSetup) -> tuple[bool, int]:
@@ -826,8 +845,8 @@ def check_fits(plan: Plan) -> None:
 
 def refusal(plan: Plan) -> str:
     s = plan.setup
-    lines = [f"{s.stage}: {plan.total_bytes / GIB:.1f} GiB per GPU needed, {plan.usable_bytes / GIB:.1f} GiB usable "
-             f"on {s.gpu_memory_bytes / GIB:.0f} GiB GPUs ({s.describe()})."]
+    lines = [(f"{s.stage}: {plan.total_bytes / GIB:.1f} GiB per GPU needed, {plan.usable_bytes / GIB:.1f} GiB usable "
+             f"on {s.gpu_memory_bytes / GIB:.0f} GiB GPUs ({s.describe()}).")]
     fitting = [lv for lv in plan.levers if lv.fits]
     if fitting:
         lines.append("Levers that would make it fit:")
@@ -849,11 +868,11 @@ def format_plan(plan: Plan) -> str:
     parts = a.parts()
     lines = [
         f"Memory plan: {s.describe()}",
-        f"Model: {a.name}: {a.total_params / 1e9:.2f} B parameters (vision {parts['vision'] / 1e9:.2f} B, "
-        f"projector {parts['projector'] / 1e6:.0f} M, LLM {(parts['llm'] + parts['lm_head']) / 1e9:.2f} B); "
-        f"{a.image_tokens} image tokens per image; trainable {plan.trainable_params / 1e6:.1f} M",
-        f"GPUs: {s.nodes} node(s) x {s.gpus_per_node} = {s.world} x {s.gpu_memory_bytes / GIB:.0f} GiB, "
-        f"{(1 - s.reserve_fraction):.0%} usable ({plan.usable_bytes / GIB:.1f} GiB)",
+        (f"Model: {a.name}: {_n(a.total_params)} parameters (vision {_n(parts['vision'])}, "
+        f"projector {_n(parts['projector'])}, LLM {_n(parts['llm'] + parts['lm_head'])}); "
+        f"{a.image_tokens} image tokens per image; trainable {_n(plan.trainable_params)}"),
+        (f"GPUs: {s.nodes} node(s) x {s.gpus_per_node} = {s.world} x {s.gpu_memory_bytes / GIB:.0f} GiB, "
+        f"{(1 - s.reserve_fraction):.0%} usable ({plan.usable_bytes / GIB:.1f} GiB)"),
         "",
         f"{'per GPU':<34}{'GiB':>8}  note",
     ]
@@ -890,8 +909,8 @@ def setups_from_params(params: Mapping[str, Any], gpu_memory_bytes: int = GPU_80
     """
     model, align, tune = params["model"], params["align"], params["tune"]
     length = tokens_per_sample or model["max_length"]
-    common = dict(dtype=model.get("dtype", "float32"), tokens_per_sample=length,
-                  attn_implementation=model.get("attn_implementation", "sdpa"), gpu_memory_bytes=gpu_memory_bytes)
+    common = {"dtype": model.get("dtype", "float32"), "tokens_per_sample": length,
+                  "attn_implementation": model.get("attn_implementation", "sdpa"), "gpu_memory_bytes": gpu_memory_bytes}
     align_setup = TrainingSetup(stage="align", mode="projector", zero_stage=None, amp=bool(align.get("bf16", False)),
                                 per_device_batch=align.get("per_device_batch_size", align.get("batch_size", 8)),
                                 gradient_checkpointing=bool(align.get("gradient_checkpointing", False)),

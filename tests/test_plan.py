@@ -13,9 +13,21 @@ import pytest
 import torch
 import yaml
 
-from model.plan import (GIB, GPU_80GB, KNOWN_ARCHITECTURES, PlanDoesNotFit, TextArch, TrainingSetup,
-                        architecture_from_config, check_fits, format_plan, llm_layer_saved, make_plan,
-                        resolve_architecture, setups_from_params)
+from model.plan import (
+    GIB,
+    GPU_80GB,
+    KNOWN_ARCHITECTURES,
+    PlanDoesNotFit,
+    TextArch,
+    TrainingSetup,
+    architecture_from_config,
+    check_fits,
+    format_plan,
+    llm_layer_saved,
+    make_plan,
+    resolve_architecture,
+    setups_from_params,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "benchmarks" / "results"
@@ -83,15 +95,15 @@ def _internvl_config(vision: dict, text: dict, **top):
 
 CONFIGS = {
     # InternViT-300M-like + Qwen2, tied (InternVLConfig's default)
-    "qwen2-tied": (dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
-                        image_size=[112, 112], patch_size=[14, 14], attention_bias=True),
-                   dict(vocab_size=500, hidden_size=96, num_hidden_layers=3, num_attention_heads=6,
-                        num_key_value_heads=2, intermediate_size=160), {}),
+    "qwen2-tied": ({"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 256,
+                        "image_size": [112, 112], "patch_size": [14, 14], "attention_bias": True},
+                   {"vocab_size": 500, "hidden_size": 96, "num_hidden_layers": 3, "num_attention_heads": 6,
+                        "num_key_value_heads": 2, "intermediate_size": 160}, {}),
     # InternViT-6B-like (RMSNorm, qk norm, no qkv bias) + Llama (no bias), untied
-    "llama-untied": (dict(hidden_size=80, num_hidden_layers=3, num_attention_heads=5, intermediate_size=320,
-                          image_size=[56, 56], patch_size=[14, 14], use_qk_norm=True, norm_type="rms_norm"),
-                     dict(llama=True, vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                          num_key_value_heads=1, intermediate_size=192), {"tie_word_embeddings": False}),
+    "llama-untied": ({"hidden_size": 80, "num_hidden_layers": 3, "num_attention_heads": 5, "intermediate_size": 320,
+                          "image_size": [56, 56], "patch_size": [14, 14], "use_qk_norm": True, "norm_type": "rms_norm"},
+                     {"llama": True, "vocab_size": 300, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                          "num_key_value_heads": 1, "intermediate_size": 192}, {"tie_word_embeddings": False}),
 }
 
 
@@ -106,7 +118,7 @@ def test_parameter_counts_match_the_model_transformers_builds(name, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config.to_dict()))
     arch = architecture_from_config(tmp_path)  # a checkpoint directory on disk
     parts = arch.parts()
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    count = lambda m: sum(p.numel() for p in m.parameters())
     assert parts["vision"] == count(model.model.vision_tower)
     assert parts["projector"] == count(model.model.multi_modal_projector)
     assert parts["llm"] == count(model.model.language_model)
@@ -165,7 +177,7 @@ def _saved_bytes(num_layers: int, mode: str, attn: str) -> tuple[int, TextArch, 
     ids = torch.randint(0, t.vocab_size, (batch, length))
     mask = torch.ones(batch, length, dtype=torch.long)
     mask[1, 30:] = 0  # padding, as in training batches
-    kwargs = dict(attention_mask=mask, labels=ids)
+    kwargs = {"attention_mask": mask, "labels": ids}
     if mode == "frozen":  # align: the LLM frozen, the gradient flowing through it to the inputs
         emb = model.get_input_embeddings()(ids).detach().requires_grad_(True)
         kwargs["inputs_embeds"] = emb
