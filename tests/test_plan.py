@@ -300,3 +300,19 @@ def test_h800_cluster_40b_plan_on_16_gpus():
     align = make_plan(arch, setups["align"])
     assert not align.fits and align.component("parameters") > GPU_80GB * 0.9
     assert any(lv.fits for lv in align.levers)
+
+
+@pytest.mark.parametrize("changes", [
+    {},                                                            # the activation peak
+    {"mode": "full", "per_device_batch": 1, "tokens_per_sample": 300},  # the end of the backward: all gradients
+    {"mode": "full", "gradient_accumulation": 4},                  # accumulated gradients stay resident
+    {"zero_stage": 2, "gpus_per_node": 4},
+    {"zero_stage": 3, "gpus_per_node": 4, "offload_optimizer": True},
+])
+def test_total_is_the_sum_of_the_printed_components(changes):
+    base = TrainingSetup(stage="tune", mode="lora", zero_stage=None, per_device_batch=8, tokens_per_sample=553)
+    plan = make_plan(_bench_arch(), replace(base, **changes), with_levers=False)
+    assert plan.total_bytes == sum(c.bytes for c in plan.components)
+    assert all(c.bytes >= 0 for c in plan.components)
+    if changes.get("tokens_per_sample") == 300:
+        assert plan.component("gradients") == plan.trainable_params * 2  # bf16 gradients of the LLM
