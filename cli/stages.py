@@ -122,3 +122,23 @@ def pipeline(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
         medrega_pipeline(profile=profile, push=push, params_file=str(params))
     except PipelineFailed as err:
         fail(err, "pipeline")
+
+
+@app.command()
+def plan(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
+         gpu_memory_gib: Optional[float] = typer.Option(None, help="Memory of one GPU (default: "
+                                                        "tune.launcher.gpu_memory_gib, else 80)."),
+         tokens: Optional[int] = typer.Option(None, help="Tokens per sample (default: model.max_length, the worst case).")):
+    """Per-GPU memory plan for align and tune: parameters, gradients, optimizer states, activations."""
+    from model.plan import GIB, format_plan, plans_for_config
+
+    cfg = load(config, params, profile)
+    gib = gpu_memory_gib or cfg.tune.launcher.gpu_memory_gib or 80
+    try:
+        plans = plans_for_config(cfg, int(gib * GIB), tokens_per_sample=tokens)
+    except MedregaError as err:
+        fail(err, "plan")
+    for stage, p in plans.items():
+        typer.echo(f"== {stage}\n{format_plan(p)}\n")
+    if not all(p.fits for p in plans.values()):
+        raise typer.Exit(1)

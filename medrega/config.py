@@ -242,6 +242,8 @@ class LauncherConfig(Section):
     account: str | None = None
     qos: str | None = None
     python: str | None = None   # the interpreter on the compute nodes (default: this one)
+    # memory of one GPU; set for GPU clusters: tune refuses a plan that cannot fit (`medrega plan`)
+    gpu_memory_gib: float | None = Field(None, gt=0)
 
 
 class TuneConfig(TrainingConfig):

@@ -52,6 +52,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from medrega.config import Config, ModelConfig
+from medrega.errors import BadInput
+
 GIB = 2**30
 DTYPE_BYTES = {"float32": 4, "float": 4, "bfloat16": 2, "float16": 2, "half": 2}
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -285,31 +288,31 @@ KNOWN_ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def tiny_architecture(model: Mapping[str, Any], vocab_size: int) -> Architecture:
-    """The `tiny` preset, from params' model section (model/presets.py builds it the same way)."""
-    vision = VisionArch(hidden_size=model["vision_hidden_size"], num_layers=model["vision_layers"],
-                        num_heads=model["vision_heads"], intermediate_size=4 * model["vision_hidden_size"],
-                        image_size=model["image_size"], patch_size=model["patch_size"])
-    text = TextArch(model["text_hidden_size"], model["text_layers"], model["text_heads"], model["text_kv_heads"],
-                    model["text_intermediate_size"], vocab_size)
-    return Architecture("tiny", vision, text, downsample_ratio=model["downsample_ratio"], tie_word_embeddings=True,
+def tiny_architecture(model: ModelConfig, vocab_size: int) -> Architecture:
+    """The `tiny` preset, from the model section (model/presets.py builds it the same way)."""
+    vision = VisionArch(hidden_size=model.vision_hidden_size, num_layers=model.vision_layers,
+                        num_heads=model.vision_heads, intermediate_size=4 * model.vision_hidden_size,
+                        image_size=model.image_size, patch_size=model.patch_size)
+    text = TextArch(model.text_hidden_size, model.text_layers, model.text_heads, model.text_kv_heads,
+                    model.text_intermediate_size, vocab_size)
+    return Architecture("tiny", vision, text, downsample_ratio=model.downsample_ratio, tie_word_embeddings=True,
                         source="params")
 
 
-def resolve_architecture(model: Mapping[str, Any], vocab_size: int | None = None) -> Architecture:
+def resolve_architecture(model: ModelConfig, vocab_size: int | None = None) -> Architecture:
     """A local checkpoint's config.json if there is one, else the preset's published architecture."""
-    checkpoint = model.get("checkpoint")
+    checkpoint = model.checkpoint
     if checkpoint and (Path(checkpoint) / "config.json").is_file():
-        arch = architecture_from_config(Path(checkpoint), name=model.get("preset"))
-    elif model.get("preset") == "tiny":
+        arch = architecture_from_config(Path(checkpoint), name=model.preset)
+    elif model.preset == "tiny":
         arch = tiny_architecture(model, vocab_size or 2000)
-    elif model.get("preset") in KNOWN_ARCHITECTURES:
-        arch = KNOWN_ARCHITECTURES[model["preset"]]
+    elif model.preset in KNOWN_ARCHITECTURES:
+        arch = KNOWN_ARCHITECTURES[model.preset]
     else:
-        raise ValueError(f"no architecture for preset {model.get('preset')!r}: give model.checkpoint as a local "
-                         f"directory with config.json, or one of {sorted(KNOWN_ARCHITECTURES)}")
-    if "image_size" in model and model["image_size"] != arch.vision.image_size and model.get("preset") != "tiny":
-        arch = replace(arch, vision=replace(arch.vision, image_size=model["image_size"]))
+        raise BadInput(f"no architecture for preset {model.preset!r}: give model.checkpoint as a local "
+                       f"directory with config.json, or one of {sorted(KNOWN_ARCHITECTURES)}")
+    if model.image_size != arch.vision.image_size and model.preset != "tiny":
+        arch = replace(arch, vision=replace(arch.vision, image_size=model.image_size))
     return arch
 
 
@@ -415,7 +418,7 @@ class Plan:
         return sum(c.bytes for c in self.components if c.name == name)
 
 
-class PlanDoesNotFit(ValueError):
+class PlanDoesNotFit(BadInput):
     """A training configuration needs more GPU memory than there is; the message names the levers."""
 
     def __init__(self, plan: Plan):
@@ -903,41 +906,36 @@ def format_plan(plan: Plan) -> str:
 # From params (the pipeline's sections as load_params returns them)
 # --------------------------------------------------------------------------------------------
 
-def setups_from_params(params: Mapping[str, Any], gpu_memory_bytes: int = GPU_80GB,
+def setups_from_config(cfg: Config, gpu_memory_bytes: int = GPU_80GB,
                        tokens_per_sample: int | None = None) -> dict[str, TrainingSetup]:
-    """The align and tune setups a params dict describes, as model/train.py and tasks/ run them.
+    """The align and tune setups a config describes, as the recipes run them.
 
-    align runs in one process without DeepSpeed (tasks/align.py calls train_stage directly); tune
+    align runs in one process without DeepSpeed (tasks/align.py calls its recipe directly); tune
     runs under the launcher with `tune.deepspeed.zero_stage` over nnodes x nproc_per_node ranks.
     """
-    model, align, tune = params["model"], params["align"], params["tune"]
-    length = tokens_per_sample or model["max_length"]
-    common = {"dtype": model.get("dtype", "float32"), "tokens_per_sample": length,
-                  "attn_implementation": model.get("attn_implementation", "sdpa"), "gpu_memory_bytes": gpu_memory_bytes}
-    align_setup = TrainingSetup(stage="align", mode="projector", zero_stage=None, amp=bool(align.get("bf16", False)),
-                                per_device_batch=align.get("per_device_batch_size", align.get("batch_size", 8)),
-                                gradient_checkpointing=bool(align.get("gradient_checkpointing", False)),
-                                gradient_accumulation=align.get("gradient_accumulation_steps", 1), **common)
-    launcher = tune.get("launcher") or {}
-    lora = tune.get("lora") or {}
-    ds = tune.get("deepspeed") or {}
-    tune_setup = TrainingSetup(stage="tune", mode=tune.get("mode", "lora"), lora_r=lora.get("r", 16),
-                               lora_targets=tuple(lora.get("target_modules", LORA_TARGETS)),
-                               lora_dropout=lora.get("dropout", 0.05),
-                               zero_stage=ds.get("zero_stage", 3) if ds else None,
-                               offload_optimizer=bool(ds.get("offload_optimizer", False)),
-                               offload_params=bool(ds.get("offload_params", False)),
-                               amp=bool(tune.get("bf16", False)), per_device_batch=tune.get("per_device_batch_size", 8),
-                               gradient_checkpointing=bool(tune.get("gradient_checkpointing", False)),
-                               gradient_accumulation=tune.get("gradient_accumulation_steps", 1),
-                               gpus_per_node=launcher.get("nproc_per_node", 1), nodes=launcher.get("nnodes", 1),
-                               **common)
+    model, align, tune = cfg.model, cfg.align, cfg.tune
+    common = {"dtype": model.dtype, "tokens_per_sample": tokens_per_sample or model.max_length,
+              "attn_implementation": model.attn_implementation, "gpu_memory_bytes": gpu_memory_bytes}
+    align_setup = TrainingSetup(stage="align", mode="projector", zero_stage=None, amp=align.bf16,
+                                per_device_batch=align.per_device_batch_size,
+                                gradient_checkpointing=align.gradient_checkpointing,
+                                gradient_accumulation=align.gradient_accumulation_steps, **common)
+    ds, launcher = tune.deepspeed, tune.launcher
+    tune_setup = TrainingSetup(stage="tune", mode=tune.mode, lora_r=tune.lora.r,
+                               lora_targets=tuple(tune.lora.target_modules), lora_dropout=tune.lora.dropout,
+                               zero_stage=ds.zero_stage if ds else None,
+                               offload_optimizer=bool(ds and ds.offload_optimizer),
+                               offload_params=bool(ds and ds.offload_params),
+                               amp=tune.bf16, per_device_batch=tune.per_device_batch_size,
+                               gradient_checkpointing=tune.gradient_checkpointing,
+                               gradient_accumulation=tune.gradient_accumulation_steps,
+                               gpus_per_node=launcher.nproc_per_node, nodes=launcher.nnodes, **common)
     return {"align": align_setup, "tune": tune_setup}
 
 
-def plans_for_params(params: Mapping[str, Any], gpu_memory_bytes: int = GPU_80GB,
-                     arch: Architecture | None = None, tokens_per_sample: int | None = None) -> dict[str, Plan]:
-    """`medrega plan`: the align and tune plans of a params dict (a profile applied)."""
-    arch = arch or resolve_architecture(params["model"], (params.get("tokenizer") or {}).get("vocab_size"))
+def plans_for_config(cfg: Config, gpu_memory_bytes: int = GPU_80GB, arch: Architecture | None = None,
+                     tokens_per_sample: int | None = None) -> dict[str, Plan]:
+    """`medrega plan`: the align and tune plans of a resolved config."""
+    arch = arch or resolve_architecture(cfg.model, cfg.tokenizer.vocab_size)
     return {stage: make_plan(arch, setup)
-            for stage, setup in setups_from_params(params, gpu_memory_bytes, tokens_per_sample).items()}
+            for stage, setup in setups_from_config(cfg, gpu_memory_bytes, tokens_per_sample).items()}

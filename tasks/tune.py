@@ -28,10 +28,20 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, out_dir: Path) -> None:
         MedRegAProcessor.from_pretrained(adapter_dir).save_pretrained(partial)
 
 
+def check_memory(cfg: Config) -> None:
+    """The tune plan against `tune.launcher.gpu_memory_gib` (nothing to check without GPUs)."""
+    gib = cfg.tune.launcher.gpu_memory_gib
+    if gib:
+        from model.plan import GIB, check_fits, plans_for_config
+
+        check_fits(plans_for_config(cfg, int(gib * GIB))["tune"])
+
+
 def tune(instructions_dir: Path, align_dir: Path, out_dir: Path, cfg: Config) -> dict:
     meta = Path(instructions_dir) / "meta_file.json"
     base = Path(align_dir) / "model"
     out_dir = Path(out_dir)
+    check_memory(cfg)  # before anything is submitted: a plan that cannot fit is refused with its levers
     run_config = config_mod.write_resolved(cfg, out_dir / "config.yaml")
     with tracking.stage_run("tune", {"tune": cfg.tune}):
         launch(cfg.tune.launcher, worker_args(run_config, meta, base, out_dir), out_dir / "train.log")

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+
+from medrega import config
+from medrega.config import ModelConfig
 
 from model.plan import (
     GIB,
@@ -26,7 +28,7 @@ from model.plan import (
     llm_layer_saved,
     make_plan,
     resolve_architecture,
-    setups_from_params,
+    setups_from_config,
 )
 
 REPO = Path(__file__).resolve().parent.parent
@@ -125,7 +127,9 @@ def test_parameter_counts_match_the_model_transformers_builds(name, tmp_path):
     assert arch.total_params == count(model)  # tied weights counted once
     assert arch.image_tokens == config.image_seq_length or arch.image_tokens == (vision["image_size"][0] // 14) ** 2 // 4
     # resolve_architecture prefers a local checkpoint's config.json over the preset table
-    assert resolve_architecture({"preset": "internvl3-2b", "checkpoint": str(tmp_path)}) .total_params == arch.total_params
+    model = ModelConfig(preset="internvl3-2b", checkpoint=str(tmp_path), image_size=arch.vision.image_size,
+                        patch_size=arch.vision.patch_size)
+    assert resolve_architecture(model).total_params == arch.total_params
 
 
 def test_original_internvl_chat_config_format():
@@ -253,27 +257,15 @@ def test_no_single_lever_then_a_combination():
 # The h800-cluster profile: InternVL-Chat-V1-2 (40B) on 4 nodes x 4 GPUs of 80 GB
 # --------------------------------------------------------------------------------------------
 
-def _deep_merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
-def _profile(name: str) -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    return _deep_merge(raw, raw["profiles"][name])
-
-
 def test_h800_cluster_40b_plan_on_16_gpus():
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
-    params = _profile("h800-cluster")
-    setups = setups_from_params(params, gpu_memory_bytes=GPU_80GB)
+    params = config.resolve(REPO / "params.yaml", "h800-cluster")
+    setups = setups_from_config(params, gpu_memory_bytes=GPU_80GB)
     tune = setups["tune"]
     assert (tune.nodes, tune.gpus_per_node, tune.zero_stage, tune.per_device_batch, tune.tokens_per_sample) == \
         (4, 4, 3, 4, 2048)
-    arch = resolve_architecture(params["model"])
+    arch = resolve_architecture(params.model)
     assert arch is KNOWN_ARCHITECTURES["internvl-34b"]
     plan = make_plan(arch, tune)
     names = [c.name for c in plan.components]
