@@ -151,7 +151,7 @@ SCENES: dict[str, list[tuple[str, str, list[dict]]]] = {
         ]),
         ("SynthEchoUS", "fan", [
             S("left_ventricle", 0.56, 0.55, 0.09, 0.17, 18, angle=-10, cycle=(0.74, 1.0, "iso")),
-            S("right_ventricle", 0.38, 0.55, 0.07, 0.14, 22, angle=10, cycle=(0.84, 1.0, "iso")),
+            S("right_ventricle", 0.38, 0.55, 0.07, 0.14, 22, angle=10, cycle=(0.8, 1.0, "iso")),
         ]),
     ],
     "pathology": [
@@ -195,8 +195,8 @@ SCENES: dict[str, list[tuple[str, str, list[dict]]]] = {
 # masks to the region the modality images (ultrasound fan, fundus aperture); `fit` keeps a
 # (half-width, half-height) extent around the pivot inside the image (the head in a brain MR);
 # `slab`: CT/MR volumes, whose slices sit at levels of the scanned slab.
-def G(pivot=(0.5, 0.5), scale=(1.0, 0.12, 0.78, 1.3), aspect=0.05, shift=(0.045, 0.06, 0.09, 0.12),
-      rotate=8.0, mirror=None, organ=(0.02, 0.10, 0.07, 8.0), lesion=0.25, view=(0.0, 0.0, 0.0),
+def G(pivot=(0.5, 0.5), scale=(1.0, 0.13, 0.76, 1.32), aspect=0.05, shift=(0.06, 0.07, 0.12, 0.14),
+      rotate=8.0, mirror=None, organ=(0.03, 0.13, 0.07, 8.0), lesion=0.25, view=(0.0, 0.0, 0.0),
       field=None, fit=None, slab=False):
     return dict(pivot=pivot, scale=scale, aspect=aspect, shift=shift, rotate=rotate, mirror=mirror,
                 organ=organ, lesion=lesion, view=view, field=field, fit=fit, slab=slab)
@@ -206,22 +206,21 @@ GEOMETRY: dict[str, dict] = {
     "SynthAbdomenCT": G(pivot=(0.5, 0.52), slab=True),
     "SynthChestCT": G(pivot=(0.5, 0.52), slab=True),
     "SynthCardiacMR": G(pivot=(0.5, 0.52), rotate=15.0, slab=True),
-    "SynthBrainMR": G(scale=(0.86, 0.09, 0.68, 1.04), shift=(0.06, 0.06, 0.15, 0.15), rotate=10.0,
+    "SynthBrainMR": G(scale=(0.86, 0.11, 0.66, 1.05), shift=(0.07, 0.07, 0.16, 0.16), rotate=10.0,
                       fit=(0.40, 0.46), slab=True),
     "SynthAbdomenMR": G(pivot=(0.5, 0.52), slab=True),
-    "SynthChestXray": G(pivot=(0.5, 0.52), scale=(1.0, 0.09, 0.82, 1.2), shift=(0.045, 0.06, 0.09, 0.12),
-                        rotate=5.0),
-    "SynthAbdomenUS": G(pivot=(0.5, 0.55), scale=(1.0, 0.12, 0.78, 1.28), shift=(0.07, 0.06, 0.14, 0.12),
-                        rotate=20.0, view=(0.03, 0.04, 5.0), field="fan"),
-    "SynthEchoUS": G(pivot=(0.5, 0.55), scale=(1.0, 0.10, 0.8, 1.22), shift=(0.06, 0.05, 0.12, 0.10),
+    "SynthChestXray": G(pivot=(0.5, 0.52), scale=(1.0, 0.12, 0.78, 1.25), rotate=5.0),
+    "SynthAbdomenUS": G(pivot=(0.5, 0.55), scale=(1.0, 0.15, 0.74, 1.35), shift=(0.07, 0.06, 0.14, 0.12),
+                        rotate=20.0, view=(0.03, 0.06, 5.0), field="fan"),
+    "SynthEchoUS": G(pivot=(0.5, 0.55), scale=(1.0, 0.12, 0.78, 1.25), shift=(0.07, 0.06, 0.14, 0.12),
                      rotate=15.0, view=(0.02, 0.03, 4.0), field="fan"),
     "SynthHistology": G(scale=(1.0, 0.15, 0.7, 1.4), aspect=0.08, rotate=180.0, mirror="random",
                         view=(0.0, 0.05, 180.0)),
     "SynthDermoscopy": G(scale=(1.0, 0.25, 0.6, 1.6), aspect=0.08, rotate=180.0, mirror="random",
                          view=(0.0, 0.06, 10.0)),
     "SynthFundus": G(scale=(1.0, 0.08, 0.85, 1.18), shift=(0.05, 0.05, 0.10, 0.10), mirror="eye",
-                     organ=(0.01, 0.10, 0.05, 5.0), view=(0.03, 0.02, 3.0), field="eye"),
-    "SynthOCT": G(pivot=(0.5, 0.52), scale=(1.0, 0.0, 1.0, 1.0), aspect=0.0, shift=(0.03, 0.08, 0.06, 0.16),
+                     organ=(0.01, 0.14, 0.05, 5.0), view=(0.03, 0.02, 3.0), field="eye"),
+    "SynthOCT": G(pivot=(0.5, 0.52), scale=(1.0, 0.0, 1.0, 1.0), aspect=0.0, shift=(0.03, 0.10, 0.06, 0.2),
                   mirror="eye", organ=(0.0, 0.15, 0.0, 6.0), view=(0.015, 0.0, 1.0)),
 }
 
