@@ -75,12 +75,13 @@ PLACE_TRIES = 8  # candidate positions drawn per placed lesion (the first inside
 #       "apex": height only with the top fixed, as lungs at inspiration);
 #   roam=(lo, hi): per-image centre uniform in [lo, hi]^2 (tissue tiles, photos), kept apart
 #       from the structures placed before it;
-#   jit: scale of the organ's own offset/size/aspect/angle variation.
+#   jit: scale of the organ's own offset/size/aspect/angle variation;
+#   wobble: scale of its outline's irregularity (the brain follows the skull).
 def S(key, cx, cy, rx, ry, value, angle=0.0, split=0.0, parts=2, hole=0.0, needs=None, z=None,
-      drift=(0.0, 0.0), gate=None, place=None, anchor=None, cycle=None, roam=None, jit=1.0):
+      drift=(0.0, 0.0), gate=None, place=None, anchor=None, cycle=None, roam=None, jit=1.0, wobble=1.0):
     return dict(key=key, cx=cx, cy=cy, rx=rx, ry=ry, value=value, angle=angle, split=split,
                 parts=parts, hole=hole, needs=needs, z=z, drift=drift, gate=gate, place=place,
-                anchor=anchor, cycle=cycle, roam=roam, jit=jit)
+                anchor=anchor, cycle=cycle, roam=roam, jit=jit, wobble=wobble)
 
 
 # modality -> list of (dataset, background kind, structures in painting order: hosts before the
@@ -120,7 +121,7 @@ SCENES: dict[str, list[tuple[str, str, list[dict]]]] = {
             S("right_ventricle", 0.38, 0.46, 0.08, 0.12, 185, angle=10, z=(0.3, 0.6)),
         ]),
         ("SynthBrainMR", "head", [
-            S("brain", 0.50, 0.50, 0.34, 0.40, 130, z=(0.5, 0.65), drift=(0.0, -0.06), jit=0.25),
+            S("brain", 0.50, 0.50, 0.34, 0.40, 130, z=(0.5, 0.65), jit=0.1, wobble=0.3),
             S("brain_tumor", 0.40, 0.38, 0.06, 0.05, 225, split=0.5, needs="brain",
               place=("brain", -0.7, -0.12, -0.75, -0.12, 0.75)),
         ]),
@@ -176,9 +177,9 @@ SCENES: dict[str, list[tuple[str, str, list[dict]]]] = {
     "oct": [
         ("SynthOCT", "dark", [
             # far wider than the image: the retinal band spans every B-scan at any thickness
-            S("retina", 0.50, 0.52, 0.75, 0.13, 165),
+            S("retina", 0.50, 0.52, 1.0, 0.13, 165),
             S("fluid", 0.50, 0.52, 0.05, 0.035, 25, split=0.5, needs="retina",
-              place=("retina", -0.25, 0.25, -0.35, 0.35, None)),
+              place=("retina", -0.18, 0.18, -0.35, 0.35, None)),
         ]),
     ],
 }
@@ -339,6 +340,8 @@ def _poses(structs: list[dict], geo: dict, pat: dict, frame: _Frame, level: floa
             ca, sa = np.cos(np.deg2rad(rang)), np.sin(np.deg2rad(rang))
             du, dv = frame.m * u * rrx, v * rry
             k = _lognormal(z[2], geo["lesion"], 0.6, 1.7)
+            if s["needs"]:  # within its host: at most 0.9 of the host's smaller radius
+                k = min(k, 0.9 * min(rrx, rry) / max(s["rx"] * frame.sx, s["ry"] * frame.sy))
             poses[i] = (rcx + du * ca - dv * sa, rcy + du * sa + dv * ca,
                         s["rx"] * k * frame.sx, s["ry"] * k * frame.sy, frame.m * angle + frame.theta)
             continue
@@ -404,7 +407,7 @@ def _background(kind: str, size: int, rng: np.random.Generator, rgb: bool, frame
         img = np.where(inside(0.5, 0.52, 0.46, 0.40), 75.0, 5.0) + ramp
     elif kind == "head":  # skull ring around the brain
         img = np.where(inside(0.5, 0.5, 0.40 * scale, 0.46 * scale), 235.0, 5.0)
-        img = np.where(inside(0.5, 0.5, 0.36 * scale, 0.42 * scale), 40.0, img) + ramp
+        img = np.where(inside(0.5, 0.5, 0.352 * scale, 0.412 * scale), 40.0, img) + ramp
     elif kind == "chest":  # radiograph: bright soft tissue, darker at the edges
         img = 170.0 - 60 * ((bx - 0.5) ** 2 + (by - 0.55) ** 2) * 4 + ramp
     elif kind == "fan":
@@ -426,7 +429,7 @@ def _background(kind: str, size: int, rng: np.random.Generator, rgb: bool, frame
 
 
 def _blob(size: int, cx: float, cy: float, rx: float, ry: float, angle: float,
-          hole: float, rng: np.random.Generator) -> np.ndarray:
+          hole: float, rng: np.random.Generator, wobble: float = 1.0) -> np.ndarray:
     """Boolean mask of a rotated ellipse with a slightly wobbly outline (organs are not ellipses)."""
     # Small lesions must survive low resolutions (the tiny profile renders 64-224 px).
     rx, ry = max(rx, MIN_RADIUS_PX / size), max(ry, MIN_RADIUS_PX / size)
@@ -436,7 +439,7 @@ def _blob(size: int, cx: float, cy: float, rx: float, ry: float, angle: float,
     x0, x1 = max(0, int((cx - reach) * size)), min(size, int((cx + reach) * size) + 2)
     y0, y1 = max(0, int((cy - reach) * size)), min(size, int((cy + reach) * size) + 2)
     full = np.zeros((size, size), bool)
-    k, phase, amp = rng.integers(2, 5), rng.uniform(0, 2 * np.pi), rng.uniform(0.03, 0.09)
+    k, phase, amp = rng.integers(2, 5), rng.uniform(0, 2 * np.pi), wobble * rng.uniform(0.03, 0.09)
     if x0 >= x1 or y0 >= y1:  # entirely outside the image
         return full
     yy, xx = np.mgrid[y0:y1, x0:x1] / size
@@ -459,7 +462,7 @@ def _structure_mask(s: dict, pose: tuple, size: int, rng: np.random.Generator, c
     parts = s["parts"] if rng.random() < s["split"] else 1
     mask = np.zeros((size, size), bool)
     if parts == 1:
-        mask |= _blob(size, cx, cy, rx, ry, angle, s["hole"], rng)
+        mask |= _blob(size, cx, cy, rx, ry, angle, s["hole"], rng, s["wobble"])
     else:
         # Several separate foci: smaller blobs on a circle, spaced so they never touch
         # (centres >= 2.5 r apart while each blob reaches under 1 r from its centre).
@@ -479,6 +482,23 @@ def _structure_mask(s: dict, pose: tuple, size: int, rng: np.random.Generator, c
     return (sizes >= MIN_COMPONENT_PIXELS)[comp] & mask
 
 
+def _layout(dataset: str, structs: list[dict], pat: dict, slice_index: int, mirror: bool,
+            rng: np.random.Generator) -> tuple[_Frame, float, list[tuple | None]]:
+    """The slice's frame (the patient's, moved by this image's view), its slab level and every
+    structure's pose (`_poses`). Draws the view, the phase and roaming centres from `rng`."""
+    geo = GEOMETRY[dataset]
+    shift_sd, zoom_sd, rot = geo["view"]
+    zv = rng.standard_normal(3)
+    phase = float(rng.random())
+    vx, vy = _clip_normal(zv[0], shift_sd), _clip_normal(zv[1], shift_sd)
+    zoom = _lognormal(zv[2], zoom_sd)
+    spin = rot * (2 * float(rng.random()) - 1)
+    frame = _Frame(geo["pivot"], pat["s"] * zoom, pat["a"], pat["theta"] + spin,
+                   (pat["t"][0] + float(vx), pat["t"][1] + float(vy)), pat["mirror"] != mirror)
+    level = float(pat["levels"][slice_index]) if geo["slab"] else 0.5
+    return frame, level, _poses(structs, geo, pat, frame, level, phase, rng)
+
+
 def _draw_scene(modality: str, dataset: str, kind: str, structs: list[dict], size: int,
                 pat: dict, slice_index: int, mirror: bool, rng: np.random.Generator):
     """Return (image uint8, [(label key, mask bool)]) for one slice.
@@ -489,16 +509,7 @@ def _draw_scene(modality: str, dataset: str, kind: str, structs: list[dict], siz
     """
     geo = GEOMETRY[dataset]
     rgb = modality in RGB_MODALITIES
-    shift_sd, zoom_sd, rot = geo["view"]
-    zv = rng.standard_normal(3)
-    phase = float(rng.random())
-    vx, vy = _clip_normal(zv[0], shift_sd), _clip_normal(zv[1], shift_sd)
-    zoom = _lognormal(zv[2], zoom_sd)
-    spin = rot * (2 * float(rng.random()) - 1)
-    frame = _Frame(geo["pivot"], pat["s"] * zoom, pat["a"], pat["theta"] + spin,
-                   (pat["t"][0] + float(vx), pat["t"][1] + float(vy)), pat["mirror"] != mirror)
-    level = float(pat["levels"][slice_index]) if geo["slab"] else 0.5
-    poses = _poses(structs, geo, pat, frame, level, phase, rng)
+    frame, level, poses = _layout(dataset, structs, pat, slice_index, mirror, rng)
     head = next((t for t in structs if t["key"] == "brain"), None) if kind == "head" else None
     img = _background(kind, size, rng, rgb, frame, _section(level, head["z"]) if head else 1.0)
     field = _field(geo["field"], *_grid(size)) if geo["field"] else None
@@ -542,17 +553,33 @@ def _draw_scene(modality: str, dataset: str, kind: str, structs: list[dict], siz
     return np.clip(np.rint(img), 0, 255).astype(np.uint8), regions
 
 
+def _slice(modality: str, patient: int, slice_index: int, slices_per_patient: int, seed: int, pat=None):
+    """(dataset, kind, structs, patient draws, mirrored, slice rng) of one slice."""
+    mi = list(MODALITIES).index(modality)
+    dataset, kind, structs = SCENES[modality][patient % len(SCENES[modality])]
+    if pat is None:
+        pat = _patient(GEOMETRY[dataset], structs, np.random.default_rng([seed, mi, patient]), slices_per_patient)
+    # left and right eyes alternate over a patient's images (a no-op where mirroring is off)
+    mirror = GEOMETRY[dataset]["mirror"] == "eye" and (patient + slice_index) % 2 == 1
+    return dataset, kind, structs, pat, mirror, np.random.default_rng([seed, mi, patient, slice_index + 1])
+
+
 def render(modality: str, patient: int, slice_index: int, slices_per_patient: int, image_size: int,
            seed: int) -> tuple[str, np.ndarray, list[tuple[str, np.ndarray]]]:
     """(dataset, image, [(label, mask)]) of one slice, exactly as `generate` writes it."""
-    mi = list(MODALITIES).index(modality)
-    dataset, kind, structs = SCENES[modality][patient % len(SCENES[modality])]
-    pat = _patient(GEOMETRY[dataset], structs, np.random.default_rng([seed, mi, patient]), slices_per_patient)
-    rng = np.random.default_rng([seed, mi, patient, slice_index + 1])
-    # left and right eyes alternate over a patient's images (a no-op where mirroring is off)
-    mirror = GEOMETRY[dataset]["mirror"] == "eye" and (patient + slice_index) % 2 == 1
+    dataset, kind, structs, pat, mirror, rng = _slice(modality, patient, slice_index, slices_per_patient, seed)
     img, regions = _draw_scene(modality, dataset, kind, structs, image_size, pat, slice_index, mirror, rng)
     return dataset, img, regions
+
+
+def layout(modality: str, patient: int, slice_index: int, slices_per_patient: int,
+           seed: int) -> tuple[str, float, dict[str, tuple[float, float, float, float, float]]]:
+    """(dataset, slab level, {label: (cx, cy, rx, ry, angle)}) of one slice: the ellipse (image
+    fractions, degrees) of every structure present at its level, whether `render` draws it or
+    not (it draws 2-4 of them; lesions and split structures as several foci around it)."""
+    dataset, _, structs, pat, mirror, rng = _slice(modality, patient, slice_index, slices_per_patient, seed)
+    _, level, poses = _layout(dataset, structs, pat, slice_index, mirror, rng)
+    return dataset, level, {s["key"]: p for s, p in zip(structs, poses) if p is not None}
 
 
 def _save_png(path: Path, array: np.ndarray) -> None:
@@ -580,20 +607,16 @@ def generate(root: Path, patients_per_modality: int, slices_per_patient: int, im
     class_mapping: dict[str, dict[str, int]] = {}
     summary: dict = {"images": {}, "masks": {}, "structures": {}}
     try:
-        for mi, modality in enumerate(MODALITIES):  # dict order is fixed in vocab
+        for modality in MODALITIES:  # dict order is fixed in vocab
             scenes = SCENES[modality]
             for dataset, _, structs in scenes:
                 # Class ids follow the scene table, 0-based like the release's "--0000_001".
                 class_mapping[dataset] = {s["key"]: c for c, s in enumerate(structs)}
             n_img = n_mask = 0
             for p in range(patients_per_modality):
-                dataset, kind, structs = scenes[p % len(scenes)]
-                # The patient's anatomy and slice levels, shared by all its slices (render()).
-                pat = _patient(GEOMETRY[dataset], structs, np.random.default_rng([seed, mi, p]),
-                               slices_per_patient)
+                pat = None  # the patient's anatomy and slice levels, drawn once for all its slices
                 for sl in range(slices_per_patient):
-                    rng = np.random.default_rng([seed, mi, p, sl + 1])
-                    mirror = GEOMETRY[dataset]["mirror"] == "eye" and (p + sl) % 2 == 1
+                    dataset, kind, structs, pat, mirror, rng = _slice(modality, p, sl, slices_per_patient, seed, pat)
                     img, regions = _draw_scene(modality, dataset, kind, structs, image_size, pat, sl,
                                                mirror, rng)
                     axis, number = ("z", 30 + 5 * sl) if modality in VOLUME_MODALITIES else ("x", sl)
