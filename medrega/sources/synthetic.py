@@ -207,7 +207,7 @@ GEOMETRY: dict[str, dict] = {
     "SynthAbdomenCT": G(pivot=(0.5, 0.52), slab=True),
     "SynthChestCT": G(pivot=(0.5, 0.52), slab=True),
     "SynthCardiacMR": G(pivot=(0.5, 0.52), rotate=15.0, slab=True),
-    "SynthBrainMR": G(scale=(0.86, 0.11, 0.66, 1.05), shift=(0.07, 0.07, 0.16, 0.16), rotate=10.0,
+    "SynthBrainMR": G(scale=(0.86, 0.11, 0.66, 1.05), shift=(0.08, 0.08, 0.18, 0.18), rotate=10.0,
                       fit=(0.40, 0.46), slab=True),
     "SynthAbdomenMR": G(pivot=(0.5, 0.52), slab=True),
     "SynthChestXray": G(pivot=(0.5, 0.52), scale=(1.0, 0.12, 0.78, 1.25), rotate=5.0),
@@ -220,7 +220,7 @@ GEOMETRY: dict[str, dict] = {
     "SynthDermoscopy": G(scale=(1.0, 0.25, 0.6, 1.6), aspect=0.08, rotate=180.0, mirror="random",
                          view=(0.0, 0.06, 10.0)),
     "SynthFundus": G(scale=(1.0, 0.08, 0.85, 1.18), shift=(0.05, 0.05, 0.10, 0.10), mirror="eye",
-                     organ=(0.01, 0.14, 0.05, 5.0), view=(0.03, 0.02, 3.0), field="eye"),
+                     organ=(0.01, 0.16, 0.05, 5.0), view=(0.03, 0.02, 3.0), field="eye"),
     "SynthOCT": G(pivot=(0.5, 0.52), scale=(1.0, 0.0, 1.0, 1.0), aspect=0.0, shift=(0.03, 0.10, 0.06, 0.2),
                   mirror="eye", organ=(0.0, 0.15, 0.0, 6.0), view=(0.015, 0.0, 1.0)),
 }
