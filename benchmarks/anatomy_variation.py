@@ -6,7 +6,8 @@ the mean-box prior there? The generator as it is against a baseline generator, i
     current   medrega/sources/synthetic.py of this checkout
 
 For each, on the same settings (default: the pipeline's 48 patients x 2 slices x 8 modalities at
-224 px, seed 0): generation time; per structure of each scene, over all its images, the box of
+224 px, seed 0): generation time (best of --repeats runs, the two generators alternating; wall
+and CPU seconds, CPU being the steadier figure on a shared machine); per structure of each scene, over all its images, the box of
 the whole mask (every component; what "where is X" points at): the standard deviation and 5-95 %
 range of its centre (x, y) as a share of the image side, `centre` = sqrt(sd_x^2 + sd_y^2), and the
 standard deviation of its width, height and size (sqrt(w h)), each relative to its mean; and,
@@ -119,6 +120,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, help="image side in px (default: data.image_size)")
     ap.add_argument("--seed", type=int, help="default: data.seed")
     ap.add_argument("--baseline-ref", default=BASELINE_REF, help="git revision of the baseline generator")
+    ap.add_argument("--repeats", type=int, default=3, help="timed generations per generator, alternating")
     ap.add_argument("--no-prior", action="store_true", help="skip materializing and scoring the prior")
     ap.add_argument("--out", default="artifacts/benchmarks/anatomy_variation.json")
     a = ap.parse_args()
@@ -132,16 +134,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="anatomy-") as tmp:
         tmp = Path(tmp)
         generators = {"baseline": load_baseline(a.baseline_ref, tmp), "current": synthetic}
-        for name, module in generators.items():
-            root = tmp / name / "samed2d"
-            t = time.perf_counter()
-            summary = module.generate(root, **settings)
-            seconds = time.perf_counter() - t
+        wall: dict[str, list[float]] = {name: [] for name in generators}
+        cpu: dict[str, list[float]] = {name: [] for name in generators}
+        summaries = {}
+        for _ in range(max(1, a.repeats)):
+            for name, module in generators.items():
+                t, c = time.perf_counter(), time.process_time()
+                summaries[name] = module.generate(tmp / name / "samed2d", **settings)
+                wall[name].append(time.perf_counter() - t)
+                cpu[name].append(time.process_time() - c)
+        for name in generators:
+            root, summary = tmp / name / "samed2d", summaries[name]
             print(f"{name}: generated {summary['total_images']} images, {summary['total_masks']} masks "
-                  f"in {seconds:.2f} s", flush=True)
+                  f"in {min(wall[name]):.2f} s ({min(cpu[name]):.2f} s CPU), best of {len(wall[name])}", flush=True)
             stats = {f"{ds}/{label}": variation(b) for (ds, label), b in sorted(structure_boxes(root).items())}
-            entry = {"seconds": seconds, "images": summary["total_images"], "masks": summary["total_masks"],
-                     "structures": stats}
+            entry = {"seconds": min(wall[name]), "cpu_seconds": min(cpu[name]), "runs_seconds": wall[name],
+                     "images": summary["total_images"], "masks": summary["total_masks"], "structures": stats}
             if not a.no_prior:
                 entry["prior_t2r"] = prior_t2r(root, tmp / name, params)
                 print(f"{name}: prior T2R mean IoU {entry['prior_t2r']['mean_iou']:.3f} over "
@@ -170,8 +178,9 @@ def main() -> None:
         cs = [v[k] for v in cur["structures"].values()]
         print(f"\n{label}: baseline min {min(bs):.3f} median {np.median(bs):.3f}; "
               f"current min {min(cs):.3f} median {np.median(cs):.3f}", end="")
-    print(f"\n\ngeneration: baseline {base['seconds']:.2f} s, current {cur['seconds']:.2f} s "
-          f"({cur['seconds'] / base['seconds']:.2f}x)")
+    print(f"\n\ngeneration: baseline {base['seconds']:.2f} s ({base['cpu_seconds']:.2f} s CPU), current "
+          f"{cur['seconds']:.2f} s ({cur['cpu_seconds']:.2f} s CPU): {cur['seconds'] / base['seconds']:.2f}x wall, "
+          f"{cur['cpu_seconds'] / base['cpu_seconds']:.2f}x CPU")
     if not a.no_prior:
         bp, cp = base["prior_t2r"], cur["prior_t2r"]
         print(f"mean-box prior, held-out T2R: mean IoU {bp['mean_iou']:.3f} -> {cp['mean_iou']:.3f}, "
