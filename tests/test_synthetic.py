@@ -102,22 +102,31 @@ def test_structures_distinct_from_background(data):
 
 
 def test_radiological_left_right(tmp_path):
-    """Patient's right is on the image's left in CT/X-ray: right lung and liver sit left."""
+    """Patient's right is on the image's left in CT/MR/X-ray (never mirrored): in every image the
+    liver lies left of the spleen and each right lung or kidney left of the left one, and the right
+    lung, which no patient position brings across the midline, on the image's left half."""
     root = tmp_path / "d"
-    synthetic.generate(root, patients_per_modality=4, slices_per_patient=2, image_size=64, seed=3)
+    synthetic.generate(root, patients_per_modality=6, slices_per_patient=2, image_size=64, seed=3)
     mapping = json.loads((root / "SAMed2D_v1.json").read_text(encoding="utf-8"))
     classes = json.loads((root / "SAMed2D_v1_class_mapping_id.json").read_text(encoding="utf-8"))
+    pairs = [("liver", "spleen"), ("right_lung", "left_lung"), ("right_kidney", "left_kidney")]
     seen = set()
     for rel, rel_masks in mapping.items():
         info = parse_image_name(rel)
+        if info["modality"] not in ("ct", "mr", "xray"):
+            continue
         inverse = {v: k for k, v in classes[info["dataset"]].items()}
+        cx = {}
         for m in rel_masks:
             key = inverse[parse_mask_name(m, rel.rsplit("/", 1)[1][:-4])[0]]
-            if key in ("liver", "right_lung", "left_lung", "spleen"):
-                cx = ndimage.center_of_mass(np.asarray(Image.open(root / m)) > 0)[1] / 64
-                assert (cx < 0.5) == (key in ("liver", "right_lung")), (m, cx)
-                seen.add(key)
-    assert {"right_lung", "left_lung"} <= seen
+            cx[key] = ndimage.center_of_mass(np.asarray(Image.open(root / m)) > 0)[1] / 64
+        for right, left in pairs:
+            if right in cx and left in cx:
+                assert cx[right] < cx[left], (rel, right, cx)
+                seen.add(right)
+        if "right_lung" in cx:
+            assert cx["right_lung"] < 0.5, (rel, cx)
+    assert {"liver", "right_lung"} <= seen
 
 
 def test_regenerate_replaces_old_tree(tmp_path):
