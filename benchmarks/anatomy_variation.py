@@ -20,7 +20,6 @@ Writes artifacts/benchmarks/anatomy_variation.json (--out).
 from __future__ import annotations
 
 import argparse
-import copy
 import importlib.util
 import json
 import subprocess
@@ -36,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from medrega import io  # noqa: E402
-from medrega.config import load_params  # noqa: E402
+from medrega import config  # noqa: E402
 from medrega.sources import synthetic  # noqa: E402
 from medrega.sources.samed2d import CLASS_MAPPING_FILE, MAPPING_FILE, parse_image_name  # noqa: E402
 
@@ -91,7 +90,7 @@ def variation(boxes: list[tuple[float, float, float, float]]) -> dict:
     }
 
 
-def prior_t2r(root: Path, work: Path, params: dict) -> dict:
+def prior_t2r(root: Path, work: Path, params: config.Config) -> dict:
     """Held-out T2R figures of the mean-box prior on the records materialized from `root`."""
     import tasks.materialize as mat
     from medrega.metrics.baselines import PriorBaseline
@@ -99,13 +98,13 @@ def prior_t2r(root: Path, work: Path, params: dict) -> dict:
     from model.data import iter_records
     from tasks.evaluate import scorer, test_items
 
-    p = copy.deepcopy(params)
-    p["materialize"].update(tasks=["r2t", "t2r"])
+    p = params.merged({"materialize": {"tasks": ["r2t", "t2r"]}, "tune": {"tasks": ["r2t", "t2r"]},
+                       "evaluate": {"tasks": ["t2r"]}})
     out = work / "instructions"
     mat.materialize(root, out, p)
     prior = PriorBaseline(r for r, _ in iter_records(out / "meta_file.json", ["r2t", "t2r"]))
-    items = test_items(out / "meta_test.json", ["t2r"], -1, params["seed"])
-    s = scorer(params["evaluate"])
+    items = test_items(out / "meta_test.json", ["t2r"], -1, params.seed)
+    s = scorer(params.evaluate)
     rows = score_samples([{**i, "prediction": prior.answer(i)} for i in items], scorer=s)
     t2r = summarise(rows, s)["t2r"]
     return {"items": len(items), **{k: t2r[k] for k in ("mean_iou", "region_f1", "object_f1", "acc@0.5")},
@@ -124,11 +123,11 @@ def main() -> None:
     ap.add_argument("--no-prior", action="store_true", help="skip materializing and scoring the prior")
     ap.add_argument("--out", default="artifacts/benchmarks/anatomy_variation.json")
     a = ap.parse_args()
-    params = load_params(a.params)
-    d = params["data"]
-    settings = dict(patients_per_modality=a.patients or d["patients_per_modality"],
-                    slices_per_patient=a.slices or d["slices_per_patient"],
-                    image_size=a.size or d["image_size"], seed=d["seed"] if a.seed is None else a.seed)
+    params = config.resolve(a.params)
+    d = params.data
+    settings = dict(patients_per_modality=a.patients or d.patients_per_modality,
+                    slices_per_patient=a.slices or d.slices_per_patient,
+                    image_size=a.size or d.image_size, seed=d.seed if a.seed is None else a.seed)
     print(f"settings: {settings}, baseline {a.baseline_ref[:12]}", flush=True)
     results: dict = {"settings": settings, "baseline_ref": a.baseline_ref, "generators": {}}
     with tempfile.TemporaryDirectory(prefix="anatomy-") as tmp:
