@@ -407,3 +407,28 @@ def test_release_block_gives_their_figures_beside_ours():
     assert "KeyError" in block["t2r"]["MM"]["not_computed"]
     assert block["r2t"]["en"]["accuracy"] == 1.0
     assert block["grounded"].startswith("not computed")
+
+
+# --- the public fixture of docs/evaluation-protocols.md ------------------------------------------
+
+FIXTURES = "tests/fixtures/release/"
+
+
+def test_docs_fixture_ss_both_protocols_hand_computed():
+    records = R.read_release_files([FIXTURES + "demo_regt2r_ss.json"], "t2r")[0]
+    # their IoUs: 1, 0.5 (exact, fails > 0.5), 0.5 + 2**-24 (passes), 0 (null: zero box), 0 (no box),
+    # 0.8, 1, 1 (two predictions for one truth: the best): > .25: 6, > .5: 5, > .75: 4; mean 4.8 / 8
+    assert R.t2r_ss(records) == {"acc25": 0.75, "acc50": 0.625, "acc75": 0.5, "iou": 0.6}
+    items = read_answers(FIXTURES + "demo_regt2r_ss.json", "medrega")
+    ours = score_t2r([{**i, "setting": "SS"} for i in items])
+    # ours: the two true halves count (>= 0.5, exact); null and the sentence without a box are failures
+    assert ours["acc@0.5"] == 0.75 and ours["acc@0.75"] == 0.5 and ours["mean_iou"] == pytest.approx(0.6)
+    assert ours["parse_failures"] == 2 and ours["untagged_answers"] == 4
+
+
+def test_docs_fixture_their_sm_object_iou_exceeds_one():
+    records = R.read_release_files([FIXTURES + "demo_regt2r_ms.json"], "t2r")[0]
+    r = R.t2r_sm(records)
+    # IoU 1 is summed for pair (0, 0) of the 4 answers with a box list, name or not, but divided by
+    # the 3 whose name passes: 4 / 3
+    assert r["object_iou"] == pytest.approx(4 / 3)
