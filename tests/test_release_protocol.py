@@ -179,6 +179,8 @@ def test_their_ss_script_compares_only_the_first_boxes_unless_there_are_more_pre
     gt2 = "<ref>liver</ref><box>[[0, 0, 100, 100], [200, 200, 300, 300]]</box>"
     swapped = "liver[[200, 200, 300, 300], [0, 0, 100, 100]]"
     assert R.t2r_ss([rec(swapped, gt2)])["iou"] == 0.0  # 2 = 2: first prediction vs first truth only
+    ours = score_t2r([item(swapped, gt2, "SS")])
+    assert ours["acc@0.75"] == 1.0 and ours["mean_iou"] == 1.0  # Hungarian matching: both boxes found
 
 
 def test_settings_map_to_their_region_first_script_names():
