@@ -698,7 +698,7 @@ def report(records: list[dict], lang: str, wordnet: Any = None, bertscore: Any =
 
         out["meteor"] = METEOR_UNAVAILABLE
     if meteor_note:
-        out["_meteor_tokens"] = meteor_note
+        out["meteor_tokenizer"] = meteor_note
     return out
 
 
