@@ -434,3 +434,12 @@ def test_docs_fixture_their_sm_object_iou_exceeds_one():
     # IoU 1 is summed for pair (0, 0) of the 4 answers with a box list, name or not, but divided by
     # the 3 whose name passes: 4 / 3
     assert r["object_iou"] == pytest.approx(4 / 3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=st.text(alphabet=st.sampled_from(list("[]0123456789, liver<>/refbox:：１")), max_size=60))
+def test_both_readers_never_raise_on_model_output(text):
+    ours = parse_answer_regions(text)
+    assert ours.ok == (bool(ours.regions) and ours.ok)
+    theirs = R.read_release_answer(text)
+    assert len(theirs.box_names) == len(theirs.boxes)
