@@ -77,6 +77,9 @@ class ParseResult:
     # Boxes that were written but rejected (bad syntax, out of range, empty area). The
     # evaluator counts them as predictions so a garbage box cannot raise precision.
     n_invalid: int = 0
+    # True when the boxes were read from bare `name[[..]]` text (no <ref>/<box> tags), by
+    # `parse_answer_regions`; `parse_regions` never sets it.
+    untagged: bool = False
 
     @property
     def boxes(self) -> list[list[int]]:
@@ -167,6 +170,46 @@ def parse_regions(text) -> ParseResult:
     return result
 
 
+
+
+# --- answers decoded without their special tokens (SPEC §6) -------------------------------
+# The authors' inference decodes with special tokens skipped, so `<ref>liver</ref><box>[[..]]</box>`
+# reaches their answers files as `liver[[..]]`. `parse_answer_regions` reads such an answer for
+# our protocol: only when it has no <box> tag at all, each bare `[[..]]` list is one box group and
+# its name is the text since the previous list (or the start), trimmed of separators.
+_BARE_LIST = re.compile(r"\[\s*\[[^\[\]]*\](?:\s*,\s*\[[^\[\]]*\])*\s*\]")
+_REF_TAGS = re.compile(r"</?ref>")
+_NAME_TRIM = " \t\r\n,，;；、:："
+
+
+def _untagged_name(segment: str) -> str | None:
+    name = _REF_TAGS.sub("", segment).strip(_NAME_TRIM)
+    return name or None
+
+
+def parse_answer_regions(text) -> ParseResult:
+    """A model answer: `parse_regions`, or, for an answer without any <box> tag, its bare
+    `name[[x1, y1, x2, y2]], name[[..]]` groups (`untagged` set). Never raises."""
+    tagged = parse_regions(text)
+    if not isinstance(text, str) or "<box>" in text or "</box>" in text:
+        return tagged
+    lists = list(_BARE_LIST.finditer(text))
+    if not lists:
+        return tagged
+    result = ParseResult(untagged=True)
+    malformed, pos = False, 0
+    for m in lists:
+        boxes, invalid, good = parse_box_body(m.group(0))
+        malformed |= not good
+        result.n_invalid += invalid
+        name = _untagged_name(text[pos:m.start()])
+        result.regions.extend((name, b) for b in boxes)
+        pos = m.end()
+    d = _DESCRIPTION.match(text[pos:])
+    if d:
+        result.text = d.group(1).strip()
+    result.ok = bool(result.regions) and not malformed
+    return result
 
 
 # -- <ref>/<box> structure ----------------------------------------------------------------------

@@ -4,6 +4,8 @@ Writes `answers.jsonl` (one line per sample: question, prediction, ground truth,
 task, language, modality, setting), `metrics.json` (headline figures, read by
 `dvc metrics show`), `breakdown.json` (every figure by language, modality and setting) and
 `report.html` (tables, IoU distribution, name confusions, a gallery of drawn boxes).
+`breakdown.json` also holds, under "release", the figures the authors' released evaluators
+print on the same answers (`medrega.metrics.release`, their keys), beside ours.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any
 from medrega import io, tracking
 from medrega.config import Config, EvaluateConfig
 from medrega.metrics import html, plugins
+from medrega.metrics.release import release_block
 from medrega.metrics.report import find_wordnet
 from medrega.metrics.scoring import TASKS, Scorer, headline, model_texts, score_samples, summarise
 from medrega.vocab import names_match, names_match_lenient
@@ -69,6 +72,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, config: Con
         samples = score_samples(items, scorer=s)
         metrics = summarise(samples, s, plugins.compute(loaded, model_texts(items)))
         flat = headline(metrics)
+        metrics["release"] = release_block(items, wordnet=s.wordnet, bertscore=loaded.get("bertscore"))
         io.write_jsonl(out_dir / "answers.jsonl", items)
         io.write_json(out_dir / "breakdown.json", metrics)
         io.write_json(out_dir / "metrics.json", flat)

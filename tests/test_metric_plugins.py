@@ -118,6 +118,22 @@ def test_bertscore_batching_layer_and_idf(tiny_bert):
         plugins.BERTScore(tiny_bert, layer=7)
 
 
+def test_bertscore_idf_from_other_texts_and_the_release_protocol(tiny_bert):
+    from medrega.metrics import release
+
+    a = ["the heart size is normal", "no pleural effusion", "lungs clear"]
+    b = ["heart normal", "effusion", "the lungs are clear"]
+    # idf from `a` while scoring a against b = the idf option (idf from the references, a) with sides swapped
+    mine = plugins.BERTScore(tiny_bert).score(a, b, idf_from=a)
+    swapped = plugins.BERTScore(tiny_bert, idf=True).score(b, a)
+    for x, y in zip(mine, swapped):
+        assert x["precision"] == pytest.approx(y["recall"], abs=1e-6)
+        assert x["recall"] == pytest.approx(y["precision"], abs=1e-6)
+    bs = plugins.BERTScore(tiny_bert)
+    r = release.r2t([{"pred_answer": t, "gt_answer": t} for t in a], bertscore=bs)
+    assert r["bertscore"] == pytest.approx(1.0, abs=1e-5)
+
+
 def test_bertscore_through_score_answers_and_cli(tiny_bert, tmp_path):
     items = [{"task": "report", "prediction": "the heart size is normal", "ground_truth": "the heart size is normal",
               "lang": "en"},

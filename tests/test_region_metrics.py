@@ -223,8 +223,11 @@ def test_broken_ground_truth_raises():
         score_t2r([{"prediction": "x", "ground_truth": "<box>[[0, 0, 1, 1]]</box>"}])
 
 
-def test_nothing_to_score_gives_no_block():
-    assert "t2r" not in score_answers([], "t2r")
+def test_nothing_to_score_is_an_error():
+    from medrega.errors import BadInput
+
+    with pytest.raises(BadInput, match="no t2r answers to score among 0 record"):
+        score_answers([], "t2r")
 
 
 # --- answer files -------------------------------------------------------------------------
@@ -252,7 +255,7 @@ def test_read_native_format(tmp_path):
            "task": "t2r", "lang": "zh", "modality": "ct", "setting": "SS"}
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n\n", encoding="utf-8")
     items = read_answers(path)
-    assert items == [row]
+    assert items == [{**row, "_where": f"{path}:1"}]
     assert score_t2r(items)["by"]["by_lang"]["zh"]["align_f1"] == 1.0
 
 
@@ -324,7 +327,7 @@ def test_perfect_prediction_scores_one(gt, data):
 
 
 @settings(max_examples=200)
-@given(gt=regions, answer=st.text(alphabet=st.characters(blacklist_characters="<>")))
+@given(gt=regions, answer=st.text(alphabet=st.characters(blacklist_characters="<>[")))
 def test_unparseable_answer_property(gt, answer):
     r = score_t2r([_item(answer, format_regions([(n, [b]) for n, b in gt]), "SS")])
     assert r["parse_failures"] == 1

@@ -12,7 +12,7 @@ from medrega.metrics.text import bleu1, score_text, token_scores, tokens
 
 def score_r2t(items):
     """The Region-to-Text block of what the evaluate stage and `medrega score` compute."""
-    return score_answers(items, "r2t").get("r2t", {"n": 0})
+    return score_answers(items, "r2t")["r2t"]
 
 
 def test_english_tokens_are_normalised_words():
@@ -105,8 +105,11 @@ def test_score_r2t_macro_and_breakdown():
     assert r["by"]["by_modality"]["ct"]["bleu1"] == pytest.approx(1.0)
 
 
-def test_score_r2t_empty():
-    assert score_r2t([])["n"] == 0
+def test_score_r2t_empty_is_an_error():
+    from medrega.errors import BadInput
+
+    with pytest.raises(BadInput, match="no r2t answers"):
+        score_r2t([])
 
 
 words = st.lists(st.text(alphabet="abcdefghijklmnopqrstuvwxyz", min_size=1, max_size=8), min_size=1, max_size=6).map(" ".join)

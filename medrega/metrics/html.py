@@ -29,7 +29,7 @@ def _table(rows: dict[str, dict[str, Any]], first: str) -> str:
     """Rows keyed by label; columns are the scalar figures of the first row."""
     if not rows:
         return "<p>none</p>"
-    cols = [k for k, v in next(iter(rows.values())).items() if k not in ("by", "precision_recall_note") and not isinstance(v, dict)]
+    cols = [k for k, v in next(iter(rows.values())).items() if k not in ("by", "precision_recall_note", "protocol") and not isinstance(v, dict)]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(f"<tr><th>{html.escape(str(label))}</th>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>"
                    for label, r in rows.items())

@@ -145,8 +145,11 @@ class BERTScore:
         m = len(references)
         return {t: math.log((m + 1) / (n + 1)) for t, n in df.items()} | {-1: math.log(m + 1)}
 
-    def score(self, predictions: Sequence[str], references: Sequence[str]) -> list[dict[str, float]]:
-        """Per pair: {"precision", "recall", "f1"}; an empty side scores 0."""
+    def score(self, predictions: Sequence[str], references: Sequence[str],
+              idf_from: Sequence[str] | None = None) -> list[dict[str, float]]:
+        """Per pair: {"precision", "recall", "f1"}; an empty side scores 0. `idf_from`: weight
+        tokens by idf over these texts (bert-score's `idf_sents`; the authors' release passes
+        the predictions) instead of the `idf` option's references."""
         import torch
 
         if len(predictions) != len(references):
@@ -154,7 +157,11 @@ class BERTScore:
         preds = [p if isinstance(p, str) else "" for p in predictions]
         refs = [r if isinstance(r, str) else "" for r in references]
         emb_p, emb_r = self._embed(preds), self._embed(refs)
-        idf = self._idf([ids for _, ids in emb_r]) if self.idf else None
+        if idf_from is not None:
+            docs = [t if isinstance(t, str) else "" for t in idf_from]
+            idf = self._idf([ids for _, ids in (emb_p if docs == preds else self._embed(docs))])
+        else:
+            idf = self._idf([ids for _, ids in emb_r]) if self.idf else None
 
         def weights(ids: list[int]):
             if idf is None:

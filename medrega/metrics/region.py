@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from medrega.vocab import names_match
-from medrega.grammar import parse_regions
 from medrega.errors import BadInput
+from medrega.grammar import parse_answer_regions, parse_regions
 
 PRECISION_RECALL_NOTE = (
     "The paper's text swaps the words precision and recall; this report uses the standard "
@@ -99,15 +99,40 @@ def score_sample(
     return out
 
 
+def where(item: dict, idx: int) -> str:
+    """Where an item came from, for error messages: `file:line` when read from a file
+    (`read_answers` records it), else its 1-based position among the answers."""
+    return item.get("_where") or f"answers item {idx + 1}"
+
+
+def _acc_scope(samples: list[dict]) -> tuple[str | None, list[dict]]:
+    """Which samples Acc@0.25/0.5/0.75 is taken over: SS (the paper's single-object
+    single-region Acc) when there are SS samples, else the one setting all samples share
+    (or every sample when none says its setting); mixed settings without SS: none."""
+    settings = {s.get("groups", {}).get("setting") for s in samples}
+    if "SS" in settings:
+        return "SS", [s for s in samples if s.get("groups", {}).get("setting") == "SS"]
+    if len(settings) <= 1:
+        only = next(iter(settings), None)
+        return (only or "all samples (no setting given)"), samples
+    return None, []
+
+
 def aggregate(samples: list[dict]) -> dict:
-    """Macro averages of `score_item` samples, with parse failures and Acc@0.25/0.5/0.75."""
+    """Macro averages of `score_item` samples, with parse failures, answers read from
+    untagged boxes, and Acc@0.25/0.5/0.75 over one setting (`acc_scope`, SS first)."""
     n = len(samples)
-    out = {"n": n, "parse_failures": sum(s["parse_failure"] for s in samples)}
+    out = {"n": n, "parse_failures": sum(s["parse_failure"] for s in samples),
+           "untagged_answers": sum(bool(s.get("untagged")) for s in samples)}
     for key in SAMPLE_KEYS:
         name = "mean_iou" if key == "iou" else key
         out[name] = sum(s[key] for s in samples) / n if n else 0.0
+    scope, acc_samples = _acc_scope(samples)
     for t in ACC_THRESHOLDS:
-        out[f"acc@{t}"] = sum(s["best_iou"] >= t for s in samples) / n if n else 0.0
+        m = len(acc_samples)
+        out[f"acc@{t}"] = (sum(s["best_iou"] >= t for s in acc_samples) / m if m else 0.0) if scope else None
+    out["acc_scope"] = scope or "none: mixed settings without SS (see by_setting)"
+    out["acc_n"] = len(acc_samples)
     return out
 
 
@@ -115,44 +140,110 @@ def score_item(item: dict, name_match: Callable[[str, str], bool] = names_match,
                threshold: float = 0.5, idx: int = 0) -> dict:
     """Algorithm 1 on one answer line (T2R, or the boxes of a grounded report)."""
     if not (item.get("width") and item.get("height")):
-        raise BadInput(f"item {idx}: width and height are required")
+        raise BadInput(f"{where(item, idx)}: width and height are required (released format: \"hw\": [H, W])")
     truth = parse_regions(item.get("ground_truth"))
     if not truth.ok:
-        raise BadInput(f"item {idx}: ground truth has no well-formed box: {item.get('ground_truth')!r}")
-    answer = parse_regions(item.get("prediction"))
+        raise BadInput(f"{where(item, idx)}: ground truth has no well-formed <ref>/<box> box: "
+                         f"{item.get('ground_truth')!r}")
+    # Tagged boxes, or, in an answer without any <box> tag, bare `name[[..]]` boxes (answers
+    # decoded with special tokens skipped, SPEC §6): counted apart as `untagged_answers`.
+    answer = parse_answer_regions(item.get("prediction"))
     # Not ok: counted as a failure; the readable boxes (if any) are still scored, and
     # unreadable ones count as predictions. No readable box at all means N valid = 0.
     s = score_sample(answer.regions, truth.regions, name_match, threshold, answer.n_invalid)
     s["parse_failure"] = not answer.ok
+    s["untagged"] = answer.untagged and bool(answer.regions)
     s["groups"] = {k: item.get(k) for k in ("lang", "modality", "setting")}
     return s
 
 
-def read_answers(path, format: str = "native") -> list[dict]:
-    """Load answer JSON lines as native items.
+_RELEASED_BOX_KEYS = ("answer", "gt")          # the authors' Text-to-Region records (+ "hw")
+_RELEASED_TEXT_KEYS = ("pred_answer", "gt_answer")  # their R2T, report, VQA and cls records
 
-    native: keys question, prediction, ground_truth, width, height, task, lang, modality,
-    setting. medrega: the released evaluator's lines {"answer", "gt", "hw": [H, W]} (note
-    the height-first order); any other keys on the line are kept.
+
+def json_records(path) -> list[tuple[int, Any]]:
+    """`(line, value)` for each record of a JSON-lines file or of a file holding one JSON array
+    (the authors' format), told apart by the first character. Errors name the file, the 1-based
+    line and the rule; an empty file is an error."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    start = len(text) - len(text.lstrip())
+    if start == len(text):
+        raise BadInput(f"{path}: empty answers file (no record to score)")
+    decoder = json.JSONDecoder()
+
+    def decode(at: int) -> tuple[Any, int]:
+        try:
+            return decoder.raw_decode(text, at)
+        except json.JSONDecodeError as e:
+            raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+
+    records: list[tuple[int, Any]] = []
+    if text[start] == "[":  # one JSON array
+        value, end = decode(start)
+        if text[end:].strip():
+            line = text.count("\n", 0, len(text) - len(text[end:].lstrip())) + 1
+            raise BadInput(f"{path}:{line}: text after the closing ] of the JSON array")
+        # Walk the array again to know the line each record starts on.
+        pos = start + 1
+        for _ in value:
+            while text[pos] in " \t\r\n,":
+                pos += 1
+            line = text.count("\n", 0, pos) + 1
+            record, pos = decode(pos)
+            records.append((line, record))
+        if not records:
+            raise BadInput(f"{path}: empty JSON array (no record to score)")
+        return records
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            try:
+                records.append((lineno, json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
+    return records
+
+
+def _released_row(row: dict, here: str) -> dict:
+    """One of the authors' records as a native item (their other keys are kept)."""
+    if all(k in row for k in _RELEASED_BOX_KEYS):
+        hw = row.pop("hw", None)
+        if not (isinstance(hw, (list, tuple)) and len(hw) == 2
+                and all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in hw)):
+            raise BadInput(f"{here}: \"hw\" must be [H, W], two positive numbers (height first), not {hw!r}")
+        row["prediction"], row["ground_truth"] = row.pop("answer"), row.pop("gt")
+        row["height"], row["width"] = hw
+    elif all(k in row for k in _RELEASED_TEXT_KEYS):
+        row["prediction"], row["ground_truth"] = row.pop("pred_answer"), row.pop("gt_answer")
+    else:
+        raise BadInput(f"{here}: not a MedRegA answer record: needs \"answer\", \"gt\", \"hw\" (Text-to-Region) "
+                         f"or \"pred_answer\", \"gt_answer\" (other tasks); has {sorted(row)}")
+    return row
+
+
+def read_answers(path, format: str = "native") -> list[dict]:
+    """Load answers as native items, each with `_where` ("file:line") for error messages.
+
+    The file is JSON lines or one JSON array (the authors write arrays). native: keys
+    question, prediction, ground_truth, width, height, task, lang, modality, setting.
+    medrega: the authors' records, {"answer", "gt", "hw": [H, W]} for Text-to-Region (note
+    the height-first order) or {"pred_answer", "gt_answer"} for the other tasks; any other
+    keys on the record are kept.
     """
     if format not in ("native", "medrega"):
-        raise BadInput(f"unknown answer format {format!r}")
+        raise BadInput(f"unknown answer format {format!r} (native or medrega)")
     items = []
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
+    for lineno, row in json_records(path):
+        here = f"{path}:{lineno}"
+        if not isinstance(row, dict):
+            raise BadInput(f"{here}: a record must be a JSON object, not {type(row).__name__}")
         if format == "medrega":
-            try:
-                h, w = row.pop("hw")
-                row["prediction"] = row.pop("answer")
-                row["ground_truth"] = row.pop("gt")
-            except (KeyError, TypeError, ValueError) as e:
-                raise BadInput(f"{path}:{lineno}: not a MedRegA answer line ({e})") from e
-            row["height"], row["width"] = h, w
+            row = _released_row(row, here)
         else:
             missing = {"prediction", "ground_truth"} - row.keys()
             if missing:
-                raise BadInput(f"{path}:{lineno}: missing keys {sorted(missing)}")
+                hint = " (the authors' format? use --format medrega)" if "answer" in row or "pred_answer" in row else ""
+                raise BadInput(f"{here}: missing keys {sorted(missing)}{hint}")
+        row["_where"] = here
         items.append(row)
     return items

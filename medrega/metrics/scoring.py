@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import defaultdict
 from typing import Any, Callable, Iterable
 
-from medrega.grammar import detect_lang, parse_regions, strip_regions
+from medrega.grammar import detect_lang, parse_answer_regions, strip_regions
 from medrega.metrics import answers, plugins, region, report, text
 from medrega.vocab import names_match
 from medrega.errors import BadInput
@@ -22,11 +22,14 @@ TASKS = ("t2r", "r2t", "grounded", "report", "caption", "vqa", "cls")
 GROUP_KEYS = ("lang", "modality", "setting")
 MODEL_METRICS = plugins.PLUGINS
 NOT_COMPUTED = plugins.NOT_REQUESTED
+# Every figure here is ours (SPEC §6); the authors' released protocol is `medrega.metrics.release`.
+PROTOCOL = "medrega"
 
 def _description(answer: str) -> str:
-    """The text of a grounded report: after the last box, or the whole answer without its
-    tags when the boxes cannot be read (the words are still scored)."""
-    parsed = parse_regions(answer)
+    """The text of a grounded report: after the last box (tagged, or bare `name[[..]]` boxes in
+    an answer without tags), or the whole answer without its tags when the boxes cannot be
+    read (the words are still scored)."""
+    parsed = parse_answer_regions(answer)
     if parsed.text is not None:
         return parsed.text
     return strip_regions(answer)
@@ -58,7 +61,7 @@ class Scorer:
             return answers.score_vqa_sample(item)
         if task == "cls":
             return answers.score_cls_sample(item)
-        raise BadInput(f"item {idx}: unknown task {task!r} (known: {', '.join(TASKS)})")
+        raise BadInput(f"{region.where(item, idx)}: unknown task {task!r} (known: {', '.join(TASKS)})")
 
     def _text_means(self, samples: list[dict]) -> dict:
         n = len(samples)
@@ -96,7 +99,7 @@ def score_samples(items: Iterable[dict], task: str | None = None, scorer: Scorer
             continue
         kind = own or task
         if kind is None:
-            raise BadInput(f"item {idx}: no task on the line; pass --task ({', '.join(TASKS)})")
+            raise BadInput(f"{region.where(item, idx)}: no task on the line; pass --task ({', '.join(TASKS)})")
         s = scorer.sample(kind, item, idx)
         s.update(task=kind, index=idx, groups={**{k: item.get(k) for k in GROUP_KEYS}, "lang": _lang(item)})
         out.append(s)
@@ -130,6 +133,7 @@ def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any]
     for task in sorted(by_task, key=TASKS.index):
         rows = by_task[task]
         entry = scorer.aggregate(task, rows)
+        entry["protocol"] = PROTOCOL
         if task in ("t2r", "grounded"):
             entry.update(threshold=scorer.threshold, precision_recall_note=region.PRECISION_RECALL_NOTE)
         entry["by"] = {}
@@ -151,6 +155,8 @@ def score_answers(items: list[dict], task: str | None = None, name_match: Callab
     """Score `items`; `loaded_plugins` (from `plugins.load_plugins`) adds the model metrics."""
     scorer = Scorer(name_match, threshold, wordnet)
     samples = score_samples(items, task, scorer)
+    if not samples:
+        raise BadInput(f"no {task + ' ' if task else ''}answers to score among {len(items)} record(s)")
     return summarise(samples, scorer, plugins.compute(loaded_plugins or {}, model_texts(items, task)))
 
 
