@@ -40,7 +40,7 @@ COLUMNS = ("image", "question", "task")
 PARAMS = ("max_new_tokens",)
 SHUTDOWN_GRACE_S = 5.0  # after the deadline, how long to wait for a worker to notice it
 
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # an unterminated string runs to the end: linear
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
 
 
