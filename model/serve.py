@@ -163,6 +163,11 @@ def _rows(fmt: str, data: Any, limits: ServeLimits) -> list[dict]:
                 raise HTTPError(400, f"row {n}: unknown field {_name(key)} (expected {', '.join(COLUMNS)})")
             if not isinstance(value, str) and not (key == "task" and value is None):
                 raise HTTPError(400, f"row {n}: {key} must be a string")
+            if isinstance(value, str) and not value.isascii():
+                try:  # JSON may spell lone surrogates, which no UTF-8 consumer (Arrow, tokenizers) takes
+                    value.encode("utf-8")
+                except UnicodeEncodeError:
+                    raise HTTPError(400, f"row {n}: {key} is not valid Unicode text") from None
         for key in ("image", "question"):
             if key not in row:
                 raise HTTPError(400, f"row {n}: missing field {key!r}")
@@ -277,7 +282,7 @@ def create_app(python_model, limits: ServeLimits, stopping: threading.Event | No
     async def read_body(request: Request) -> bytes:
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes // (1024 * 1024)} MiB",
+            raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes / (1024 * 1024):g} MiB",
                             "REQUEST_TOO_LARGE", {"Connection": "close"})
         chunks, size = [], 0
 
@@ -285,16 +290,21 @@ def create_app(python_model, limits: ServeLimits, stopping: threading.Event | No
             nonlocal size
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > limits.max_body_bytes:
-                    raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes // (1024 * 1024)} MiB",
-                                    "REQUEST_TOO_LARGE", {"Connection": "close"})
-                chunks.append(chunk)
+                if size <= limits.max_body_bytes:
+                    chunks.append(chunk)
+                elif size > 2 * limits.max_body_bytes:
+                    break
+                # past the limit, read on (discarding, up to twice the limit) so that the client
+                # can read our answer instead of a connection reset
 
         try:
             await asyncio.wait_for(receive_all(), timeout=limits.body_timeout_s)
         except asyncio.TimeoutError:
             raise HTTPError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
                             "REQUEST_TIMEOUT", {"Connection": "close"}) from None
+        if size > limits.max_body_bytes:
+            raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes / (1024 * 1024):g} MiB",
+                            "REQUEST_TOO_LARGE", {"Connection": "close"})
         return b"".join(chunks)
 
     async def watch_disconnect(request: Request, job: Job) -> None:
@@ -357,13 +367,26 @@ def create_app(python_model, limits: ServeLimits, stopping: threading.Event | No
     async def on_unexpected(request: Request, err: Exception):  # Starlette re-raises it to uvicorn's log
         return _error(500, "INTERNAL_ERROR", "internal error")
 
-    return Starlette(
+    app = Starlette(
         routes=[Route("/invocations", invocations, methods=["POST"]),
                 Route("/ping", health, methods=["GET"]), Route("/health", health, methods=["GET"])],
         exception_handlers={HTTPError: on_http_error, MlflowException: on_mlflow_error,
                             HTTPException: on_starlette_error, ClientDisconnect: on_client_gone,
                             Exception: on_unexpected},
     )
+
+    async def bounded_headers(scope, receive, send):
+        # uvicorn bounds only headers that arrive in pieces; one read can carry far more
+        if scope["type"] == "http":
+            size = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
+            if size > limits.max_header_bytes:
+                response = _error(431, "REQUEST_HEADER_FIELDS_TOO_LARGE",
+                                  f"the request headers are larger than {limits.max_header_bytes // 1024} KiB",
+                                  {"Connection": "close"})
+                return await response(scope, receive, send)
+        return await app(scope, receive, send)
+
+    return bounded_headers
 
 
 def _short(message: str, limit: int = 300) -> str:
@@ -404,6 +427,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001, limits: Ser
         create_app(python_model, limits, stopping), host=host, port=port, http="h11", loop="asyncio",
         lifespan="off", server_header=False, proxy_headers=False, log_level="info",
         limit_concurrency=limits.max_connections, timeout_keep_alive=5,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
         timeout_graceful_shutdown=int(max(1, limits.graceful_shutdown_s)),
     )
     log.info("serving %s on http://%s:%d/invocations", model_uri, host, port)
