@@ -13,7 +13,7 @@ ACCEPTED = ("PNG", "JPEG")
 # signatures of formats PIL could decode but the served model does not accept
 _OTHER = (
     (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"),
-    (b"\x00\x00\x01\x00", "ICO"), (b"%PDF", "PDF"), (b"8BPS", "PSD"), (b"\x97JB2", "JBIG2"),
+    (b"\x00\x00\x01\x00", "ICO"), (b"8BPS", "PSD"), (b"\x97JB2", "JBIG2"),
     (b"\x00\x00\x00\x0cjP  ", "JPEG 2000"), (b"\xffO\xffQ", "JPEG 2000"), (b"qoif", "QOI"),
 )
 # JPEG start-of-frame markers (C4 DHT, C8 JPG and CC DAC are not frames)

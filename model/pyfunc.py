@@ -71,7 +71,8 @@ def decode_image(value, limits: ServeLimits = DEFAULT_LIMITS) -> Image.Image:
     if fmt is None:
         raise BadInput("image: not a readable image (expected PNG or JPEG)")
     if fmt not in ACCEPTED:
-        raise BadInput(f"image: {fmt} is not accepted (expected PNG or JPEG)")
+        hint = "; `medrega predict` converts DICOM" if fmt == "DICOM" else ""
+        raise BadInput(f"image: {fmt} is not accepted (expected PNG or JPEG{hint})")
     size = declared_size(data, fmt)
     if size is None:
         raise BadInput(f"image: not a readable image (no {fmt} header with its size)")
