@@ -154,8 +154,8 @@ class MedRegAModel(mlflow.pyfunc.PythonModel):
         return value
 
     def _base_prompt(self, task, question: str) -> str | None:
-        if task is None or task == "" or (isinstance(task, float) and task != task):  # absent, empty, NaN
-            return None
+        if task is None or task is pd.NA or task == "" or (isinstance(task, float) and task != task):
+            return None  # absent, empty or a table's missing value
         if not isinstance(task, str) or task.startswith("_") or task not in self.base_prompts:
             known = sorted(k for k in self.base_prompts if not k.startswith("_"))
             raise BadInput(f"task: must be one of {', '.join(known)} (or left out)")

@@ -38,7 +38,7 @@ log = logging.getLogger("medrega.serve")
 FORMATS = ("dataframe_records", "dataframe_split", "inputs", "instances")
 COLUMNS = ("image", "question", "task")
 PARAMS = ("max_new_tokens",)
-SHUTDOWN_GRACE_S = 5.0  # after the deadline, how long to wait for a worker to notice it
+DEADLINE_GRACE_S = 5.0  # after the deadline, how long to wait for a worker to notice it
 
 _JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?')  # an unterminated string runs to the end: linear
 _NOT_BRACKET = re.compile(r"[^\[\]{}]+")
@@ -246,7 +246,7 @@ class Pool:
 
         threading.Thread(target=work, name="medrega-generate", daemon=True).start()
         try:
-            ok, value = await asyncio.wait_for(asyncio.shield(done), timeout=job.remaining() + SHUTDOWN_GRACE_S)
+            ok, value = await asyncio.wait_for(asyncio.shield(done), timeout=job.remaining() + DEADLINE_GRACE_S)
         except asyncio.TimeoutError:  # the worker has not noticed yet (a long prefill): answer now
             raise HTTPError(504, f"generation passed the {self.limits.deadline_s:g} s deadline", "DEADLINE_EXCEEDED") from None
         if not ok:
@@ -307,6 +307,10 @@ def create_app(python_model, limits: ServeLimits, stopping: threading.Event | No
                             "REQUEST_TOO_LARGE", {"Connection": "close"})
         return b"".join(chunks)
 
+    def parse_frame(body: bytes):
+        rows, params = parse_body(body, limits)
+        return pd.DataFrame(rows, columns=[c for c in COLUMNS if any(c in row for row in rows)]), params
+
     async def watch_disconnect(request: Request, job: Job) -> None:
         while True:
             message = await request.receive()
@@ -322,9 +326,8 @@ def create_app(python_model, limits: ServeLimits, stopping: threading.Event | No
         try:
             job = Job(limits.deadline_s, stopping)
             body = await read_body(request)
-            rows, params = await run_in_threadpool(parse_body, body, limits)
+            frame, params = await run_in_threadpool(parse_frame, body)
             del body
-            frame = pd.DataFrame(rows, columns=[c for c in COLUMNS if any(c in row for row in rows)])
             watcher = asyncio.ensure_future(watch_disconnect(request, job))
             try:
                 result = await pool.run(lambda: python_model.answer(frame, params, limits=limits,
