@@ -15,6 +15,7 @@ MiB = 1024 * 1024
 class ServeLimits:
     # request
     max_header_bytes: int = 16 * 1024     # request line and headers together
+    header_timeout_s: float = 10.0        # the headers must arrive within this (slowloris)
     max_body_bytes: int = 48 * MiB        # refused from Content-Length, or while reading, before parsing
     body_timeout_s: float = 30.0          # the whole body must arrive within this (slow senders)
     max_json_depth: int = 6               # the contract needs 4 (dataframe_split.data[row][cell])

@@ -399,6 +399,47 @@ def _short(message: str, limit: int = 300) -> str:
 
 # -- running the server -------------------------------------------------------------------------
 
+def protocol_class(limits: ServeLimits):
+    """uvicorn's h11 protocol with a deadline for each request's headers: uvicorn has none, and a
+    client trickling a header in would hold its connection (one of max_connections) for ever."""
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    body = json.dumps({"error_code": "REQUEST_TIMEOUT",
+                       "message": f"the request headers did not arrive within {limits.header_timeout_s:g} s"}).encode()
+    late = (b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
+            b"content-length: %d\r\n\r\n" % len(body)) + body
+
+    class Protocol(H11Protocol):
+        _header_timer = None
+
+        def _arm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            self._header_timer = self.loop.call_later(limits.header_timeout_s, self._headers_late)
+
+        def _headers_late(self) -> None:
+            if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+                return  # closed already, or a request is being answered
+            self.transport.write(late)
+            self.transport.close()
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()  # the next request's headers on this connection
+
+        def connection_lost(self, exc) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+            super().connection_lost(exc)
+
+    return Protocol
+
+
 def load(model_uri: str):
     """The MedRegAModel inside a pyfunc model URI or folder (loaded with this `model` package)."""
     import mlflow.pyfunc
@@ -427,7 +468,7 @@ def serve(model_uri: str, host: str = "127.0.0.1", port: int = 5001, limits: Ser
             super().handle_exit(sig, frame)
 
     config = uvicorn.Config(
-        create_app(python_model, limits, stopping), host=host, port=port, http="h11", loop="asyncio",
+        create_app(python_model, limits, stopping), host=host, port=port, http=protocol_class(limits), loop="asyncio",
         lifespan="off", server_header=False, proxy_headers=False, log_level="info",
         limit_concurrency=limits.max_connections, timeout_keep_alive=5,
         h11_max_incomplete_event_size=limits.max_header_bytes,

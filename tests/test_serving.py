@@ -38,7 +38,8 @@ MiB = 1024 * 1024
 CLIENT_TIMEOUT = 120  # seconds, for every request a test makes
 # the hostile-suite server: generous deadline and cap, small request limits
 LIMITS = {"max_new_tokens": 100000, "deadline_s": 300, "max_body_bytes": 2 * MiB, "max_image_bytes": MiB,
-          "body_timeout_s": 3, "max_rows": 4, "max_question_chars": 200, "workers": 1, "max_queue": 4}
+          "body_timeout_s": 3, "header_timeout_s": 3, "max_rows": 4, "max_question_chars": 200, "workers": 1,
+          "max_queue": 4}
 # the strict server: a short deadline and no queue
 STRICT = {"max_new_tokens": 100000, "deadline_s": 8, "workers": 1, "max_queue": 0}
 
@@ -321,6 +322,8 @@ HOSTILE = {
     "GET /invocations": ("method", ("GET", "/invocations"), 405, "method not allowed"),
     "unknown path": ("method", ("POST", "/admin"), 404, "not found"),
     "malformed request line": ("raw", lambda port: b"HELLO THERE\r\n\r\n", 400, "invalid http request"),
+    "headers that never end": ("raw", lambda port: b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: app", 408,
+                               "headers did not arrive within 3 s"),
     "headers over 16 KiB": ("raw", lambda port: http(port, "POST /invocations HTTP/1.1\nHost: x\nX-Big: " + "a" * 20000
                             + "\n"), 431, "headers are larger than 16 KiB"),
     "bad Content-Length": ("raw", lambda port: http(port, "POST /invocations HTTP/1.1\nHost: x\n"
@@ -342,6 +345,22 @@ def test_hostile_request_is_refused_cleanly(server, name):
     else:
         status, body = raw(server.port, what(server.port))
     assert_clean(status, body, expected, words, server)
+
+
+@pytest.mark.slow
+def test_headers_trickled_after_a_kept_alive_request_are_cut(server):
+    with socket.create_connection(("127.0.0.1", server.port), timeout=CLIENT_TIMEOUT) as sock:
+        sock.sendall(b"GET /ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = sock.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        received = b""
+        for piece in (b"POST /invo", b"cations HTTP/1.1\r\n", b"Host: x\r\n"):  # and never the blank line
+            sock.sendall(piece)
+            time.sleep(0.5)
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert received.startswith(b"HTTP/1.1 408") and b"did not arrive within 3 s" in received, received
+    assert request(f"{server.url}/ping")[0] == 200
 
 
 @pytest.mark.slow
