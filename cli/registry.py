@@ -6,9 +6,6 @@ the model name, aliases and gate from params.yaml's `register:` section.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 from typing import Optional
 
@@ -73,19 +70,22 @@ def _model_uri(cfg, model: Optional[str]) -> str:
 def serve(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
           model: Optional[str] = typer.Option(None, help="Model URI (default: models:/<name>@champion)."),
           host: str = "127.0.0.1", port: int = 5001):
-    """Serve the champion over HTTP (`mlflow models serve`, this environment, no conda/virtualenv)."""
-    from medrega import tracking
+    """Serve the champion over HTTP (model.serve: MLflow's /invocations contract, hardened), in this process."""
+    import mlflow
 
-    cfg = load(config, params, profile).register_
-    bin_dir = str(Path(sys.executable).parent)
-    # MLflow execs `uvicorn` by name: this environment's bin must be on PATH even when not activated
-    env = dict(os.environ, MLFLOW_TRACKING_URI=tracking.tracking_uri(),
-               PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
-    mlflow_bin = str(Path(bin_dir) / "mlflow")
-    cmd = [mlflow_bin, "models", "serve", "-m", _model_uri(cfg, model), "--env-manager", "local",
-           "-h", host, "-p", str(port)]
-    console.print(f"serving {_model_uri(cfg, model)} on http://{host}:{port}/invocations")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    from medrega import tracking
+    from model.serve import load as load_model
+    from model.serve import serve as run_server
+
+    cfg = load(config, params, profile)
+    uri = _model_uri(cfg.register_, model)
+    mlflow.set_tracking_uri(tracking.tracking_uri())
+    try:
+        python_model = load_model(uri)
+    except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
+        _fail(f"cannot load {uri}: {getattr(err, 'message', None) or err}")
+    console.print(f"serving {uri} on http://{host}:{port}/invocations")
+    raise typer.Exit(run_server(uri, host, port, cfg.serve, python_model=python_model))
 
 
 @app.command()

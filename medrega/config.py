@@ -308,6 +308,44 @@ class RegisterConfig(Section):
         return self
 
 
+MiB = 1024 * 1024
+
+
+class ServeConfig(Section):
+    """Every bound the served model enforces (model.serve, and the pyfunc in process). Sizes in
+    bytes, times in seconds."""
+
+    # request
+    max_header_bytes: int = Field(16 * 1024, gt=0)     # request line and headers together
+    header_timeout_s: float = Field(10.0, gt=0)        # the headers must arrive within this (slowloris)
+    max_body_bytes: int = Field(48 * MiB, gt=0)        # refused from Content-Length, or while reading, before parsing
+    body_timeout_s: float = Field(30.0, gt=0)          # the whole body must arrive within this (slow senders)
+    max_json_depth: int = Field(6, gt=0)               # the contract needs 4 (dataframe_split.data[row][cell])
+    max_json_containers: int = Field(1024, gt=0)       # arrays + objects in one body
+    max_rows: int = Field(64, gt=0)
+    # fields
+    max_question_chars: int = Field(4000, gt=0)
+    max_image_bytes: int = Field(32 * MiB, gt=0)       # decoded size of one image
+    max_image_pixels: int = Field(40_000_000, gt=0)    # from the header, before a pixel is decoded
+    # generation
+    max_new_tokens: int = Field(1024, gt=0)            # the most a request may ask for (params.max_new_tokens)
+    deadline_s: float = Field(60.0, gt=0)              # per request, queueing included; generation stops at it
+    workers: int = Field(1, gt=0)                      # generations at once
+    max_queue: int = Field(8, ge=0)                    # requests admitted beyond the running ones; then 503
+    # server
+    max_connections: int = Field(64, gt=0)             # open connections; uvicorn answers 503 beyond
+    graceful_shutdown_s: float = Field(10.0, gt=0)     # after SIGTERM/SIGINT, then in-flight requests are cut
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bools(cls, v: Any) -> Any:
+        if isinstance(v, bool):
+            raise ValueError("must be a number, not true/false")
+        return v
+
+
 # -- the whole ----------------------------------------------------------------------------------
 
 SECTIONS = ("data", "validate", "materialize", "model", "pretrain", "tokenizer", "align", "tune",
@@ -329,6 +367,7 @@ class Config(Section):
     tune: TuneConfig = TuneConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     register_: RegisterConfig = Field(RegisterConfig(), alias="register")
+    serve: ServeConfig = ServeConfig()
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True, protected_namespaces=())
 

@@ -18,11 +18,12 @@ from PIL import Image, ImageFile
 
 from medrega.errors import BadInput
 
-TOO_LARGE, UNREADABLE, FORMAT = "too large", "unreadable", "format"
+TOO_LARGE, UNREADABLE, FORMAT, CORRUPT = "too large", "unreadable", "format", "corrupt"
 
 
 class ImageRefused(BadInput):
-    """An image we will not decode; `reason` is TOO_LARGE, UNREADABLE or FORMAT."""
+    """An image we will not decode; `reason` is TOO_LARGE, UNREADABLE (no image header), FORMAT
+    (not an accepted format) or CORRUPT (a header, but the pixels do not decode)."""
 
     def __init__(self, reason: str, detail: str):
         super().__init__(detail)
@@ -73,5 +74,5 @@ def open_image(source: Path | bytes | BinaryIO, max_pixels: int, formats: tuple[
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRefused(TOO_LARGE, f"decompression bomb refused: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - any decoder error means "does not decode"
-        raise ImageRefused(UNREADABLE, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
+        raise ImageRefused(CORRUPT, f"cannot be decoded ({type(exc).__name__}: {exc})") from None
     return image

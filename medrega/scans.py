@@ -8,8 +8,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
 from medrega.errors import BadInput
+from medrega.fonts import label_font
 
 COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa"]
 
@@ -66,18 +68,11 @@ def read_scan(path: Path) -> Image.Image:
         raise ScanError(f"{path.name}: not a readable PNG, JPEG or DICOM file ({type(err).__name__})") from None
 
 
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1
-        return ImageFont.load_default()
-
-
 def draw_regions(image: Image.Image, regions: list[dict], scale: int = 2) -> Image.Image:
     """The image (upscaled `scale` times for legibility) with each box drawn and named."""
     canvas = image.convert("RGB").resize((image.width * scale, image.height * scale), Image.NEAREST)
     draw = ImageDraw.Draw(canvas)
-    font = _font(max(12, canvas.width // 40))
+    font = label_font(max(12, canvas.width // 40))  # draws Chinese names too
     for i, region in enumerate(regions):
         colour = COLOURS[i % len(COLOURS)]
         x1, y1, x2, y2 = (v * scale for v in region["box"])

@@ -7,15 +7,17 @@ installed libraries, not the pipeline. Input rows: `image` (base64 PNG/JPEG, opt
 Weights come in one of two layouts (params `register.weights`): `merged` (artifact `model`,
 a full checkpoint) or `adapter` (artifacts `base` + `adapter`, merged in memory at load time).
 
-Bad input raises MlflowException(INVALID_PARAMETER_VALUE): MLflow's scoring server turns that
-into an HTTP 400 carrying our message, where any other exception would be a generic error.
+Bad input raises MlflowException(INVALID_PARAMETER_VALUE): MLflow's scoring server and ours
+(`model.serve`) turn that into an HTTP 400 carrying our message. The bounds are `model.limits`;
+`answer()` is `predict()` with explicit limits and a stop callback, for the HTTP server.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import re
+from collections.abc import Callable
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -24,10 +26,20 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-MAX_IMAGE_PIXELS = 40_000_000   # same bound as the validate stage
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-MAX_QUESTION_CHARS = 4000
-MAX_ROWS = 64
+from medrega import grammar
+from medrega.images import CORRUPT, FORMAT, TOO_LARGE, ImageRefused, open_image
+from medrega.config import ServeConfig
+
+DEFAULT_LIMITS = ServeConfig()
+
+MAX_IMAGE_PIXELS = DEFAULT_LIMITS.max_image_pixels   # same bound as the validate stage
+MAX_IMAGE_BYTES = DEFAULT_LIMITS.max_image_bytes
+MAX_QUESTION_CHARS = DEFAULT_LIMITS.max_question_chars
+MAX_ROWS = DEFAULT_LIMITS.max_rows
+# Tokens a question may carry: Region-to-Text questions hold a <box>, Text-to-Region ones a <ref>.
+# Every other added token (<IMG_CONTEXT>, <img>, <|im_start|>, ...) is refused: in user text it
+# would forge the image or chat layout.
+QUESTION_TOKENS = grammar.REGION_TOKENS
 
 
 class BadInput(MlflowException):
@@ -37,8 +49,12 @@ class BadInput(MlflowException):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def decode_image(value) -> Image.Image:
-    """A base64-encoded PNG/JPEG -> RGB image. Refuses oversized and decompression-bomb images.
+ACCEPTED = ("PNG", "JPEG")
+
+
+def decode_image(value, limits: ServeConfig = DEFAULT_LIMITS) -> Image.Image:
+    """A base64-encoded PNG/JPEG -> RGB image. Refuses other formats, oversized images and
+    decompression bombs (by the size the header declares, before a pixel is decoded).
 
     File paths are deliberately not accepted: a served model must not read the server's disk.
     """
@@ -46,33 +62,30 @@ def decode_image(value) -> Image.Image:
         raise BadInput("image: missing or empty (expected a base64-encoded PNG or JPEG)")
     if value.startswith("data:"):
         value = value.split(",", 1)[-1]
-    if len(value) > MAX_IMAGE_BYTES * 4 // 3 + 4:
-        raise BadInput(f"image: larger than {MAX_IMAGE_BYTES // (1024 * 1024)} MiB")
+    if len(value) > limits.max_image_bytes * 4 // 3 + 4:
+        raise BadInput(f"image: larger than {limits.max_image_bytes / (1024 * 1024):g} MiB")
     try:
         data = base64.b64decode(value, validate=True)
-    except (binascii.Error, ValueError) as err:
-        raise BadInput("image: not valid base64") from err
+    except (binascii.Error, ValueError):
+        raise BadInput("image: not valid base64") from None
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        raise BadInput("image: DICOM is not accepted (expected PNG or JPEG; `medrega predict` converts DICOM)")
     try:
-        image = Image.open(io.BytesIO(data))
-    except Exception as err:  # PIL raises several types for undecodable data
-        raise BadInput("image: not a readable image (expected PNG or JPEG)") from err
-    # Check the header's size before decoding a single pixel: PIL itself only raises above
-    # twice its limit, and a small compressed file can declare billions of pixels.
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise BadInput(f"image: {image.width}x{image.height} is more than {MAX_IMAGE_PIXELS} pixels")
-    try:
-        image.load()
-    except Exception as err:
-        raise BadInput(f"image: cannot be decoded ({type(err).__name__})") from err
+        # the size the header declares is checked before a single pixel is decoded
+        image = open_image(data, limits.max_image_pixels, formats=ACCEPTED)
+    except ImageRefused as refused:
+        if refused.reason in (TOO_LARGE, FORMAT):
+            raise BadInput(f"image: {refused.detail}") from None
+        if refused.reason == CORRUPT:
+            raise BadInput("image: cannot be decoded (a truncated or corrupt PNG/JPEG)") from None
+        raise BadInput("image: not a readable image (expected PNG or JPEG)") from None
     return image.convert("RGB")
 
 
-def _question(value) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise BadInput("question: missing or empty")
-    if len(value) > MAX_QUESTION_CHARS:
-        raise BadInput(f"question: longer than {MAX_QUESTION_CHARS} characters")
-    return value
+def reserved_pattern(tokenizer) -> re.Pattern:
+    """Every token the tokenizer splits out of raw text, except those a question may carry."""
+    tokens = (set(tokenizer.get_added_vocab()) | set(grammar.SPECIAL_TOKENS)) - set(QUESTION_TOKENS)
+    return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True) if t))
 
 
 def load_generator(artifacts: dict[str, str]):
@@ -92,40 +105,94 @@ def load_generator(artifacts: dict[str, str]):
 
 
 class MedRegAModel(mlflow.pyfunc.PythonModel):
+    limits: ServeConfig = DEFAULT_LIMITS  # in-process predict(); the HTTP server passes its own
+
     def load_context(self, context) -> None:
         self.generator = load_generator(context.artifacts)
         self.base_prompts = json.loads(Path(context.artifacts["base_prompts"]).read_text(encoding="utf-8"))
         self.max_new_tokens = int(self.base_prompts.pop("_max_new_tokens", 64))
+        tokenizer = self.generator.processor.tokenizer
+        self.reserved = reserved_pattern(tokenizer)
+        self.reserved_ids = {tokenizer.convert_tokens_to_ids(t) for t in tokenizer.get_added_vocab()
+                             if t not in QUESTION_TOKENS}
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from medrega.grammar import decode_box, parse_regions
-        from model.infer import Query
+        return self.answer(model_input, params)
 
+    def _question(self, value, limits: ServeConfig) -> str:
+        if not isinstance(value, str) or not value.strip():
+            raise BadInput("question: missing or empty")
+        if len(value) > limits.max_question_chars:
+            raise BadInput(f"question: longer than {limits.max_question_chars} characters")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadInput("question: not valid Unicode text") from None
+        found = self.reserved.search(value)
+        if found:
+            raise BadInput(f"question: contains the reserved token {found.group(0)} "
+                           f"(a question may carry only {', '.join(QUESTION_TOKENS)})")
+        # the same at the token level, whatever the tokenizer's normalisation does to the text
+        ids = self.generator.processor.tokenizer(value, add_special_tokens=False)["input_ids"]
+        if self.reserved_ids.intersection(ids):
+            raise BadInput("question: contains a reserved token")
+        return value
+
+    def _base_prompt(self, task, question: str) -> str | None:
+        if task is None or task is pd.NA or task == "" or (isinstance(task, float) and task != task):
+            return None  # absent, empty or a table's missing value
+        if not isinstance(task, str) or task.startswith("_") or task not in self.base_prompts:
+            known = sorted(k for k in self.base_prompts if not k.startswith("_"))
+            raise BadInput(f"task: must be one of {', '.join(known)} (or left out)")
+        return (self.base_prompts.get(task) or {}).get(grammar.detect_lang(question))
+
+    def _max_new(self, params: dict | None, limits: ServeConfig) -> int:
+        value = (params or {}).get("max_new_tokens")
+        integer = isinstance(value, int) and not isinstance(value, bool)
+        if value is None or (integer and value == 0):
+            return self.max_new_tokens  # 0 is the signature's default: the model's own
+        if not integer or not 1 <= value <= limits.max_new_tokens:
+            raise BadInput(f"max_new_tokens: must be an integer from 1 to {limits.max_new_tokens}")
+        return int(value)
+
+    def answer(self, model_input: pd.DataFrame, params: dict | None = None, limits: ServeConfig | None = None,
+               should_stop: Callable[[], bool] | None = None) -> pd.DataFrame:
+        """predict() with explicit limits. `should_stop` is polled between rows and after every
+        generated token; once it returns True, model.infer.Stopped is raised."""
+        from model.infer import Query, Stopped
+
+        limits = limits or self.limits
         if not isinstance(model_input, pd.DataFrame):
             raise BadInput("input must be a table with columns image, question and optional task")
         for column in ("image", "question"):
             if column not in model_input.columns:
                 raise BadInput(f"input is missing the field {column!r}")
-        if len(model_input) > MAX_ROWS:
-            raise BadInput(f"at most {MAX_ROWS} rows per request")
-        images, queries = [], []
+        if len(model_input) == 0:
+            raise BadInput("input has no rows")
+        if len(model_input) > limits.max_rows:
+            raise BadInput(f"at most {limits.max_rows} rows per request")
+        max_new = self._max_new(params, limits)
+        side = self.generator.processor.config.image_size
+        sizes, queries = [], []
         for n, row in enumerate(model_input.to_dict("records")):
+            if should_stop is not None and should_stop():
+                raise Stopped()
             try:
-                image, question = decode_image(row["image"]), _question(row["question"])
+                image, question = decode_image(row["image"], limits), self._question(row["question"], limits)
+                prompt = self._base_prompt(row.get("task"), question)
             except BadInput as err:
                 raise BadInput(f"row {n}: {err.message}") from None
-            task = row.get("task")
-            lang = "zh" if any("\u4e00" <= ch <= "\u9fff" for ch in question) else "en"
-            prompt = (self.base_prompts.get(str(task)) or {}).get(lang) if isinstance(task, str) and task else None
-            images.append(image)
-            queries.append(Query(image, question, prompt))
-        max_new = (params or {}).get("max_new_tokens") or self.max_new_tokens
-        answers = self.generator.generate(queries, max_new_tokens=int(max_new))
+            sizes.append(image.size)
+            # keep only the model's input size (the processor resizes to it anyway): a request of
+            # many large images never holds more than one of them decoded at full size
+            queries.append(Query(image.resize((side, side), Image.BICUBIC), question, prompt))
+            del image
+        answers = self.generator.generate(queries, max_new_tokens=max_new, should_stop=should_stop)
         regions = []
-        for image, answer in zip(images, answers):
-            parsed = parse_regions(answer)
+        for (width, height), answer in zip(sizes, answers):
+            parsed = grammar.parse_regions(answer)
             regions.append(json.dumps([
-                {"name": name, "box": [round(v, 1) for v in decode_box(box, image.width, image.height)]}
+                {"name": name, "box": [round(v, 1) for v in grammar.decode_box(box, width, height)]}
                 for name, box in parsed.regions
             ], ensure_ascii=False))
         return pd.DataFrame({"answer": answers, "regions": regions})

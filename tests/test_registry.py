@@ -272,10 +272,9 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as fh:
-        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", "models:/medrega@champion",
-                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"))
+        # `medrega serve`: the champion from the registry, behind our own hardened server
+        server = subprocess.Popen([str(BIN / "medrega"), "serve", "--port", str(port)], cwd=work,
+                                  stdout=fh, stderr=subprocess.STDOUT, start_new_session=True, env=dict(os.environ))
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", server, 180, log)
 

@@ -18,13 +18,12 @@ from cli import app
 from medrega.metrics import release as R
 from medrega.metrics.region import read_answers
 from medrega.metrics.scoring import score_answers
+from medrega.grammar import parse_answer_regions
 
 
 def score_t2r(items, **options):
     """The Text-to-Region block of our protocol, as the evaluate stage and `medrega score` compute it."""
     return score_answers(items, "t2r", **options)["t2r"]
-from medrega.metrics.scoring import score_answers
-from medrega.grammar import parse_answer_regions
 
 HW = [999, 999]
 

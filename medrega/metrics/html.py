@@ -15,6 +15,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
+from medrega.fonts import label_font
 from medrega.grammar import decode_box, parse_regions
 
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
@@ -74,11 +75,12 @@ def draw(item: dict, root: Path | None = None) -> str | None:
     # boxes are on the 0-999 grid of the original size; the file may be stored at another size
     w, h = image.size
     pen = ImageDraw.Draw(image)
+    font = label_font(max(11, min(w, h) // 24))  # Chinese names as glyphs, not missing-glyph boxes
     for text, colour in ((item.get("ground_truth"), GT_COLOUR), (item.get("prediction"), PRED_COLOUR)):
         for name, box in parse_regions(text).regions:
             x1, y1, x2, y2 = decode_box(box, w, h)
             pen.rectangle([x1, y1, x2, y2], outline=colour, width=2)
-            pen.text((x1 + 2, y1 + 1), name or "?", fill=colour)
+            pen.text((x1 + 2, y1 + 1), name or "?", fill=colour, font=font)
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode("ascii")
