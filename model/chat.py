@@ -20,14 +20,19 @@ def user_text(question: str, base_prompt: str | None) -> str:
     return f"{IMAGE_PLACEHOLDER}\n{body}"
 
 
-def prompt_text(question: str, base_prompt: str | None, num_image_tokens: int, system: str | None = None) -> str:
-    """The full prompt up to and including the assistant header (generation starts after it)."""
+def prompt_text(question: str, base_prompt: str | None, num_image_tokens: int, system: str | None = None,
+                *, separator: str = "\n", prefix: str = "") -> str:
+    """The full prompt up to and including the assistant header (generation starts after it).
+
+    `separator` follows each `<|im_end|>` (InternVL's Hermes-2 template uses none), `prefix` opens
+    the prompt (a BOS token where the checkpoint's tokenizer adds one).
+    """
     image = IMG_START + IMG_CONTEXT * num_image_tokens + IMG_END
     user = user_text(question, base_prompt).replace(IMAGE_PLACEHOLDER, image, 1)
-    parts = []
+    parts = [prefix]
     if system:
-        parts.append(f"{IM_START}system\n{system}{IM_END}\n")
-    parts.append(f"{IM_START}user\n{user}{IM_END}\n{IM_START}assistant\n")
+        parts.append(f"{IM_START}system\n{system}{IM_END}{separator}")
+    parts.append(f"{IM_START}user\n{user}{IM_END}{separator}{IM_START}assistant\n")
     return "".join(parts)
 
 

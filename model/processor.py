@@ -32,6 +32,11 @@ class ProcessorConfig:
     system_prompt: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Imported InternVL checkpoints (model/convert.py): a ps_version v1 model is converted to run on
+    # the transposed image; its chat format may join turns without a newline and start with a BOS.
+    transpose_image: bool = False
+    turn_separator: str = "\n"
+    prompt_prefix: str = ""
 
 
 class TooLong(ValueError):
@@ -50,7 +55,9 @@ class MedRegAProcessor:
         size = self.config.image_size
         image = image.convert("RGB").resize((size, size), Image.BICUBIC)
         array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (array - self._mean) / self._std
+        pixels = (array - self._mean) / self._std
+        # Boxes stay on the original image's grid: the converted model answers as the v1 model does.
+        return pixels.transpose(1, 2).contiguous() if self.config.transpose_image else pixels
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         with Image.open(path) as image:
@@ -58,7 +65,8 @@ class MedRegAProcessor:
 
     # -- text ---------------------------------------------------------------------------
     def prompt(self, question: str, base_prompt: str | None) -> str:
-        return prompt_text(question, base_prompt, self.config.num_image_tokens, self.config.system_prompt)
+        return prompt_text(question, base_prompt, self.config.num_image_tokens, self.config.system_prompt,
+                           separator=self.config.turn_separator, prefix=self.config.prompt_prefix)
 
     def encode_prompt(self, question: str, base_prompt: str | None) -> list[int]:
         return self.tokenizer(self.prompt(question, base_prompt), add_special_tokens=False)["input_ids"]
