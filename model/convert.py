@@ -298,6 +298,10 @@ def chat_template_jinja(fmt: ChatFormat) -> str:
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "vocab.json", "merges.txt", "chat_template.jinja", "chat_template.json")
+
+
 def load_source_tokenizer(source: Path):
     """The checkpoint's tokenizer as a fast tokenizer, without running any code from the checkpoint."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -324,11 +328,16 @@ def load_source_tokenizer(source: Path):
         # InternLM2's SentencePiece BPE read as a Llama tokenizer that never prepends a space.
         from transformers import LlamaTokenizer
         return LlamaTokenizer.from_pretrained(str(source), add_prefix_space=False, legacy=False)
-    try:
-        tok = AutoTokenizer.from_pretrained(str(source), trust_remote_code=False)
-    except Exception as err:  # transformers raises many types for tokenizer files it cannot read
-        raise CheckpointError(f"{source}: the tokenizer does not load without remote code "
-                              f"({type(err).__name__}: {err})") from None
+    # Only the tokenizer's own files: the checkpoint's config.json names remote code (auto_map).
+    with tempfile.TemporaryDirectory() as files:
+        for path in source.iterdir():
+            if path.is_file() and path.name in TOKENIZER_FILES:
+                shutil.copy2(path, Path(files) / path.name)
+        try:
+            tok = AutoTokenizer.from_pretrained(files, trust_remote_code=False)
+        except Exception as err:  # transformers raises many types for tokenizer files it cannot read
+            raise CheckpointError(f"{source}: the tokenizer does not load without remote code "
+                                  f"({type(err).__name__}: {err})") from None
     if not getattr(tok, "backend_tokenizer", None):
         raise CheckpointError(f"{source}: tokenizer {type(tok).__name__} has no fast (tokenizers) form")
     return tok
