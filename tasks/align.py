@@ -42,8 +42,30 @@ def load_tokenizer(params: dict[str, Any], meta_file: Path):
     return tok
 
 
+def import_base(cfg: dict[str, Any], base_dir: Path) -> MedRegAProcessor:
+    """`model.checkpoint` is a local InternVL remote-layout folder: import it as the base model,
+    with the checkpoint's own tokenizer, chat format and image orientation (model/convert.py)."""
+    from model.convert import import_checkpoint, read_config, vision_spec
+
+    size = vision_spec(read_config(cfg["checkpoint"]), Path(cfg["checkpoint"])).image_size
+    if cfg["image_size"] != size:
+        raise ValueError(f"{cfg['checkpoint']}/config.json: the checkpoint takes {size}px images, "
+                         f"model.image_size is {cfg['image_size']}")
+    import_checkpoint(cfg["checkpoint"], base_dir, max_length=cfg["max_length"])
+    processor = MedRegAProcessor.from_pretrained(base_dir)
+    if cfg.get("system_prompt"):
+        processor.config.system_prompt = cfg["system_prompt"]
+        processor.save_pretrained(base_dir)
+    return processor
+
+
 def build_base(params: dict[str, Any], meta_file: Path, base_dir: Path) -> MedRegAProcessor:
     cfg = params["model"]
+    if cfg["preset"] != "tiny" and cfg.get("checkpoint"):
+        from model.convert import is_remote_layout
+
+        if is_remote_layout(cfg["checkpoint"]):
+            return import_base(cfg, base_dir)
     tokenizer = load_tokenizer(params, meta_file)
     processor = MedRegAProcessor(
         tokenizer,

@@ -346,3 +346,22 @@ def test_unsupported_language_model_is_named(tmp_path):
     (src / "config.json").write_text(json.dumps(config))
     with pytest.raises(CheckpointError, match=r"config\.json: llm_config architecture 'Phi3ForCausalLM'"):
         import_checkpoint(src, tmp_path / "out")
+
+
+def test_align_imports_a_remote_layout_checkpoint_as_its_base(tmp_path):
+    from tasks.align import build_base
+
+    src = build_replica(tmp_path / "v12", ReplicaSpec(shards=2))
+    cfg = {"preset": "internvl-34b", "checkpoint": str(src), "image_size": 448, "max_length": 512, "system_prompt": None}
+    base = tmp_path / "align" / "base"
+    with pytest.raises(ValueError, match=r"v12/config\.json: the checkpoint takes 56px images, model\.image_size is 448"):
+        build_base({"seed": 0, "model": cfg}, tmp_path / "meta_file.json", base)
+    assert not base.exists()
+    cfg.update(image_size=56, system_prompt="You are a helpful medical assistant.")
+    processor = build_base({"seed": 0, "model": cfg}, tmp_path / "meta_file.json", base)
+    saved = MedRegAProcessor.from_pretrained(base).config
+    assert saved == processor.config
+    assert (saved.transpose_image, saved.max_length, saved.system_prompt, saved.turn_separator) == \
+        (True, 512, "You are a helpful medical assistant.", "")
+    model = InternVLForConditionalGeneration.from_pretrained(str(base))
+    assert model.config.image_token_id == processor.tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>")
