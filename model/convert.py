@@ -562,33 +562,53 @@ def source_shards(source: Path) -> list[Path]:
 
 
 class ShardReader:
-    """Tensor names, shapes and dtypes from a shard's header, and one tensor at a time on demand."""
+    """Tensor names, shapes and dtypes from a shard's header, and one tensor at a time on demand.
+
+    safetensors shards are read with plain file reads into one freshly allocated tensor each (no
+    memory map), so what is resident is the tensor being converted, not the shard.
+    """
 
     def __init__(self, path: Path):
         self.path = path
         self._bin = None
+        self._offsets: dict[str, tuple[int, int]] = {}
         if path.suffix == ".bin":
             self._bin = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             self.meta = {k: (tuple(v.shape), v.dtype) for k, v in self._bin.items()}
-        else:
-            from safetensors import safe_open
-            try:
-                with safe_open(str(path), framework="pt") as handle:
-                    self.meta = {}
-                    for key in handle.keys():
-                        part = handle.get_slice(key)
-                        self.meta[key] = (tuple(part.get_shape()), DTYPES_BY_NAME[part.get_dtype()])
-            except Exception as err:  # safetensors raises its own error types for broken files
-                raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+            return
+        try:
+            with open(path, "rb") as fh:
+                (length,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(length))
+        except (OSError, struct.error, ValueError) as err:
+            raise CheckpointError(f"{path}: not a readable safetensors file ({err})") from None
+        self._data_start = 8 + length
+        self.meta = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            if entry.get("dtype") not in DTYPES_BY_NAME:
+                raise CheckpointError(f"{path}: tensor {key!r} has dtype {entry.get('dtype')!r}, not one of "
+                                      f"{sorted(DTYPES_BY_NAME)}")
+            shape, dtype = tuple(entry["shape"]), DTYPES_BY_NAME[entry["dtype"]]
+            begin, end = entry["data_offsets"]
+            if end - begin != math.prod(shape) * torch.empty((), dtype=dtype).element_size():
+                raise CheckpointError(f"{path}: tensor {key!r} {list(shape)} {entry['dtype']} spans {end - begin} bytes")
+            self.meta[key] = (shape, dtype)
+            self._offsets[key] = (begin, end)
 
     def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         if self._bin is not None:
             yield from self._bin.items()
             return
-        from safetensors import safe_open
-        with safe_open(str(self.path), framework="pt") as handle:
-            for key in self.meta:
-                yield key, handle.get_tensor(key)
+        with open(self.path, "rb") as fh:
+            for key, (shape, dtype) in self.meta.items():
+                begin, end = self._offsets[key]
+                tensor = torch.empty(shape, dtype=dtype)
+                fh.seek(self._data_start + begin)
+                if end > begin and fh.readinto(memoryview(tensor.reshape(-1).view(torch.uint8).numpy())) != end - begin:
+                    raise CheckpointError(f"{self.path}: tensor {key!r} is cut short")
+                yield key, tensor
 
     def close(self) -> None:
         self._bin = None

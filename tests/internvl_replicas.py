@@ -71,7 +71,8 @@ class ReplicaSpec:
     shards: int = 3
     dynamic_image_size: bool = False
     seed: int = 0
-    head_rows: dict = field(default_factory=dict)  # token -> fixed lm_head row scale (predict test)
+    head_rows: dict = field(default_factory=dict)  # token -> lm_head row scale; other rows zero (predict test)
+    text_scale: float = 1.0             # scales the token embeddings (0: the LM hears only the image)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -314,6 +315,8 @@ def build_replica(folder: Path, spec: ReplicaSpec) -> Path:
         for token, scale in spec.head_rows.items():
             rows[tok.token_to_id(token)] = torch.randn(rows.shape[1], generator=g) * scale
         weights[head] = rows
+    embed = "language_model.model.tok_embeddings.weight" if spec.lm == "internlm2" else "language_model.model.embed_tokens.weight"
+    weights[embed] = weights[embed] * spec.text_scale
     write_shards(folder, weights, spec.shards)
     return folder
 
