@@ -3,7 +3,8 @@
 A V1-2-shaped replica (Llama LM, InternViT with qk-norm, ps_version v1) is written in float32 with
 many shards, then three fresh processes each report their peak RSS, all in this one run:
 
-- baseline: the same imports (torch, transformers, model.convert), nothing loaded;
+- baseline: the same imports (torch, transformers, model.convert and the transformers classes the
+            import uses, about 140 MB of code on their own), nothing loaded;
 - import:   `import_checkpoint(replica, out)`;
 - whole:    every shard loaded into one materialised state dict (what a load-everything conversion
             holds at least).
@@ -13,13 +14,14 @@ shard and over the whole checkpoint. Memory bounded by a shard means the first s
 below 1 and does not grow with the number of shards, while the whole-model load grows with the
 checkpoint.
 
-    .venv/bin/python benchmarks/import_bench.py                     # two layouts of ~600 MB
-    .venv/bin/python benchmarks/import_bench.py --lm-layers 32 --shards 32 8
+    .venv/bin/python benchmarks/import_bench.py                      # 570 MB in 24 and 6 shards, 1.1 GB in 48
+    .venv/bin/python benchmarks/import_bench.py --configs 64x96         # about 2.3 GB
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -35,6 +37,9 @@ import json, sys, time
 sys.path.insert(0, {repo!r})
 import torch, transformers, safetensors.torch
 from model.convert import import_checkpoint
+# The classes the import itself uses, loaded in every mode: the baseline holds the same code.
+from transformers import InternVLForConditionalGeneration, InternVLConfig, LlamaConfig, PreTrainedTokenizerFast
+import transformers.models.internvl.modeling_internvl, transformers.models.llama.modeling_llama
 mode, src, dst = sys.argv[1:4]
 t0 = time.perf_counter()
 if mode == "import":
@@ -58,6 +63,8 @@ def child(mode: str, src: Path, dst: Path) -> dict:
 
 
 def bench(root: Path, shards: int, lm_layers: int, lm_hidden: int) -> dict:
+    from safetensors import safe_open
+
     from tests.internvl_replicas import ReplicaSpec, build_replica
 
     src = root / f"replica-{shards}"
@@ -66,6 +73,12 @@ def bench(root: Path, shards: int, lm_layers: int, lm_hidden: int) -> dict:
                                    lm_kv_heads=2, vision_hidden=256, vision_heads=4, vision_layers=8))
     built = time.perf_counter() - t0
     sizes = [p.stat().st_size / 2 ** 20 for p in src.glob("model-*.safetensors")]
+    tensor_mb = 0.0
+    for shard in src.glob("model-*.safetensors"):
+        with safe_open(str(shard), "pt") as handle:
+            for key in handle.keys():  # noqa: SIM118 (a safe_open handle, not a dict)
+                shape = handle.get_slice(key).get_shape()
+                tensor_mb = max(tensor_mb, 4 * math.prod(shape) / 2 ** 20)
     base = child("baseline", src, root / "unused")
     imp = child("import", src, root / f"imported-{shards}")
     whole = child("whole", src, root / "unused")
@@ -74,7 +87,8 @@ def bench(root: Path, shards: int, lm_layers: int, lm_hidden: int) -> dict:
     shutil.rmtree(src)
     largest, total = max(sizes), sum(sizes)
     return {
-        "shards": shards, "checkpoint_mb": round(total, 1), "largest_shard_mb": round(largest, 1),
+        "shards": shards, "lm_layers": lm_layers, "checkpoint_mb": round(total, 1),
+        "largest_shard_mb": round(largest, 1), "largest_tensor_mb": round(tensor_mb, 1),
         "replica_build_s": round(built, 1),
         "baseline_peak_rss_mb": round(base["peak_rss_mb"], 1),
         "import_peak_rss_mb": round(imp["peak_rss_mb"], 1), "import_s": round(imp["seconds"], 2),
@@ -82,6 +96,7 @@ def bench(root: Path, shards: int, lm_layers: int, lm_hidden: int) -> dict:
         "whole_load_peak_rss_mb": round(whole["peak_rss_mb"], 1),
         "import_over_baseline_mb": round(imp["peak_rss_mb"] - base["peak_rss_mb"], 1),
         "import_extra_per_largest_shard": round((imp["peak_rss_mb"] - base["peak_rss_mb"]) / largest, 2),
+        "import_extra_per_largest_tensor": round((imp["peak_rss_mb"] - base["peak_rss_mb"]) / tensor_mb, 2),
         "import_extra_per_checkpoint": round((imp["peak_rss_mb"] - base["peak_rss_mb"]) / total, 3),
         "whole_extra_per_checkpoint": round((whole["peak_rss_mb"] - base["peak_rss_mb"]) / total, 3),
     }
@@ -89,23 +104,25 @@ def bench(root: Path, shards: int, lm_layers: int, lm_hidden: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shards", type=int, nargs="+", default=[24, 6])
-    parser.add_argument("--lm-layers", type=int, default=16)
+    parser.add_argument("--configs", nargs="+", default=["16x24", "16x6", "32x48"],
+                        help="LAYERSxSHARDS per replica: 16 LM layers of width 1024 are about 570 MB in float32")
     parser.add_argument("--lm-hidden", type=int, default=1024)
     parser.add_argument("--out", type=Path, help="Also write the rows as JSON here.")
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="import-bench-") as tmp:
-        for shards in args.shards:
-            rows.append(bench(Path(tmp), shards, args.lm_layers, args.lm_hidden))
+        for config in args.configs:
+            layers, shards = (int(v) for v in config.split("x"))
+            rows.append(bench(Path(tmp), shards, layers, args.lm_hidden))
             print(json.dumps(rows[-1]), flush=True)
     print()
-    print(f"{'shards':>6} {'ckpt MB':>8} {'shard MB':>8} {'import s':>8} {'MB/s':>6} {'import +RSS MB':>14} "
-          f"{'/shard':>7} {'/ckpt':>6} {'whole-load /ckpt':>16}")
+    print(f"{'shards':>6} {'ckpt MB':>8} {'shard MB':>8} {'tensor MB':>9} {'import s':>8} {'MB/s':>6} "
+          f"{'import +RSS MB':>14} {'/shard':>7} {'/tensor':>7} {'/ckpt':>6} {'whole-load +RSS /ckpt':>21}")
     for r in rows:
-        print(f"{r['shards']:>6} {r['checkpoint_mb']:>8} {r['largest_shard_mb']:>8} {r['import_s']:>8} "
-              f"{r['import_mb_per_s']:>6} {r['import_over_baseline_mb']:>14} {r['import_extra_per_largest_shard']:>7} "
-              f"{r['import_extra_per_checkpoint']:>6} {r['whole_extra_per_checkpoint']:>16}")
+        print(f"{r['shards']:>6} {r['checkpoint_mb']:>8} {r['largest_shard_mb']:>8} {r['largest_tensor_mb']:>9} "
+              f"{r['import_s']:>8} {r['import_mb_per_s']:>6} {r['import_over_baseline_mb']:>14} "
+              f"{r['import_extra_per_largest_shard']:>7} {r['import_extra_per_largest_tensor']:>7} "
+              f"{r['import_extra_per_checkpoint']:>6} {r['whole_extra_per_checkpoint']:>21}")
     if args.out:
         args.out.write_text(json.dumps(rows, indent=2) + "\n")
 

@@ -19,9 +19,10 @@ without running any code from the checkpoint:
   carried over; `<img> </img> <IMG_CONTEXT> <ref> </ref> <box> </box>` are reused where the
   tokenizer has them and added (with embedding rows) only where it does not.
 
-Tensors stream one at a time from one shard at a time into output shards whose headers are
-computed from the source headers, so memory stays bounded by a shard whatever the model's size.
-The destination appears whole or not at all.
+Tensors stream one at a time from one shard at a time into output shards (one per source shard)
+whose headers are computed from the source headers before any data is read: what is resident is
+the tensor being converted (and its outputs), never a whole shard or model. The destination
+appears whole or not at all.
 """
 from __future__ import annotations
 
@@ -33,15 +34,22 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
 from model.processor import CONFIG_NAME as PROCESSOR_CONFIG_NAME
 from model.processor import ProcessorConfig
-from model.tokenizer import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, REGION_TOKENS
+from model.tokenizer import (
+    IM_END,
+    IM_START,
+    IMG_CONTEXT,
+    IMG_END,
+    IMG_START,
+    REGION_TOKENS,
+)
 
 REMOTE_ARCHITECTURE = "InternVLChatModel"
 REMOTE_MODEL_TYPE = "internvl_chat"
@@ -335,7 +343,7 @@ def load_source_tokenizer(source: Path):
                 shutil.copy2(path, Path(files) / path.name)
         try:
             tok = AutoTokenizer.from_pretrained(files, trust_remote_code=False)
-        except Exception as err:  # transformers raises many types for tokenizer files it cannot read
+        except Exception as err:  # noqa: BLE001 (transformers raises many types for files it cannot read)
             raise CheckpointError(f"{source}: the tokenizer does not load without remote code "
                                   f"({type(err).__name__}: {err})") from None
     if not getattr(tok, "backend_tokenizer", None):
@@ -381,7 +389,7 @@ class OutTensor:
 
 
 def _rows(start: int, stop: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda t: t[start:stop].clone()
+    return lambda t: t[start:stop]  # a view: written out before the next source tensor is read
 
 
 def _block_permutation(factor: int, channels: int) -> torch.Tensor:
@@ -414,7 +422,7 @@ def _grid_positions(spec: VisionSpec) -> Callable[[torch.Tensor], torch.Tensor]:
 def _vocab_rows(rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
     def make(t: torch.Tensor) -> torch.Tensor:
         if t.shape[0] >= rows:
-            return t.clone()
+            return t
         # New token rows start at the mean of the trained ones (a neutral, in-distribution start).
         extra = t.float().mean(dim=0, keepdim=True).to(t.dtype).expand(rows - t.shape[0], -1)
         return torch.cat([t, extra], dim=0)
@@ -422,7 +430,7 @@ def _vocab_rows(rows: int) -> Callable[[torch.Tensor], torch.Tensor]:
 
 
 def _same(t: torch.Tensor) -> torch.Tensor:
-    return t.clone()
+    return t
 
 
 _VISION_RENAMES = (
@@ -451,7 +459,7 @@ class PlanContext:
 def plan_tensor(name: str, shape: tuple[int, ...], dtype: torch.dtype, ctx: PlanContext, where: str) -> list[OutTensor]:
     """The output tensors one source tensor becomes (empty when it is dropped)."""
     spec = ctx.spec
-    out = lambda new, new_shape=shape, make=_same: [OutTensor(new, tuple(new_shape), dtype, make)]  # noqa: E731
+    out = lambda new, new_shape=shape, make=_same: [OutTensor(new, tuple(new_shape), dtype, make)]
     if name.startswith("vision_model."):
         rest = name[len("vision_model."):]
         vt = "model.vision_tower."

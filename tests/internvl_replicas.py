@@ -169,7 +169,7 @@ def remote_config(spec: ReplicaSpec, vocab: int) -> dict:
 
 def _vision_weights(spec: ReplicaSpec, g: torch.Generator) -> dict[str, torch.Tensor]:
     c, p, grid = spec.vision_hidden, spec.patch_size, spec.vit_image_size // spec.patch_size
-    rnd = lambda *shape, std=0.1: torch.randn(*shape, generator=g) * std  # noqa: E731
+    rnd = lambda *shape, std=0.1: torch.randn(*shape, generator=g) * std
     w = {"vision_model.embeddings.class_embedding": rnd(1, 1, c, std=0.5),
          "vision_model.embeddings.position_embedding": rnd(1, grid * grid + 1, c, std=0.5),
          "vision_model.embeddings.patch_embedding.weight": rnd(c, 3, p, p),
@@ -199,7 +199,7 @@ def _vision_weights(spec: ReplicaSpec, g: torch.Generator) -> dict[str, torch.Te
 
 
 def _language_weights(spec: ReplicaSpec, llm: dict, g: torch.Generator) -> dict[str, torch.Tensor]:
-    rnd = lambda *shape, std=0.1: torch.randn(*shape, generator=g) * std  # noqa: E731
+    rnd = lambda *shape, std=0.1: torch.randn(*shape, generator=g) * std
     if spec.lm == "internlm2":
         h, heads, kv = spec.lm_hidden, spec.lm_heads, spec.lm_kv_heads
         d, vocab = h // heads, llm["vocab_size"]
@@ -220,7 +220,7 @@ def _language_weights(spec: ReplicaSpec, llm: dict, g: torch.Generator) -> dict[
     for key, value in model.state_dict().items():
         if key == "lm_head.weight" and spec.tie:
             continue
-        if key.endswith("norm.weight") or key.endswith("layernorm.weight"):
+        if key.endswith(("norm.weight", "layernorm.weight")):
             w["language_model." + key] = 1 + rnd(*value.shape)
         elif key.endswith("bias"):
             w["language_model." + key] = rnd(*value.shape)
@@ -235,7 +235,12 @@ def _language_weights(spec: ReplicaSpec, llm: dict, g: torch.Generator) -> dict[
 
 def plain_lm(llm: dict):
     """transformers' own LlamaForCausalLM / Qwen2ForCausalLM built from an llm_config dict."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     keys = {k: v for k, v in llm.items() if k not in ("architectures", "model_type", "_name_or_path", "torch_dtype", "auto_map")}
     if llm["architectures"][0] == "Qwen2ForCausalLM":
@@ -246,7 +251,7 @@ def plain_lm(llm: dict):
 def write_shards(folder: Path, weights: dict[str, torch.Tensor], shards: int) -> None:
     """Round-robin over the keys, so a layer's tensors straddle shards as they do in big checkpoints."""
     names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
-    buckets = [dict() for _ in range(shards)]
+    buckets = [{} for _ in range(shards)]
     weight_map = {}
     for n, (key, value) in enumerate(sorted(weights.items())):
         buckets[n % shards][key] = value.contiguous()
@@ -399,7 +404,7 @@ class RemoteReference:
     def image_features(self, pixels: torch.Tensor) -> torch.Tensor:
         states = self.vit(pixels)
         x = states[self.config.get("select_layer", -1)][:, 1:]
-        side = int(math.isqrt(x.shape[1]))
+        side = math.isqrt(x.shape[1])
         x = self.pixel_shuffle(x.reshape(x.shape[0], side, side, -1), self.config["downsample_ratio"])
         x = x.reshape(x.shape[0], -1, x.shape[-1])
         w = self.w
@@ -436,7 +441,7 @@ class RemoteReference:
         inv = 1.0 / (cfg["rope_theta"] ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
         angles = torch.outer(torch.arange(t, dtype=torch.float32), inv)
         cos, sin = torch.cat([angles, angles], -1).cos(), torch.cat([angles, angles], -1).sin()
-        rot = lambda x: torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)  # noqa: E731
+        rot = lambda x: torch.cat([-x[..., d // 2:], x[..., :d // 2]], -1)
         mask = torch.full((t, t), float("-inf")).triu(1)
         for i in range(cfg["num_hidden_layers"]):
             pre = f"language_model.model.layers.{i}."

@@ -24,10 +24,22 @@ from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration
 
 from model import convert
-from model.convert import CheckpointError, checkpoint_layout, ensure_hf_checkpoint, import_checkpoint
+from model.convert import (
+    CheckpointError,
+    checkpoint_layout,
+    ensure_hf_checkpoint,
+    import_checkpoint,
+)
 from model.processor import MedRegAProcessor
-from tests.internvl_replicas import (HERMES2_SYSTEM, INTERNVL25_SYSTEM, RemoteReference, ReplicaSpec, build_replica,
-                                     reference_pixels, source_tokenizer)
+from tests.internvl_replicas import (
+    HERMES2_SYSTEM,
+    INTERNVL25_SYSTEM,
+    RemoteReference,
+    ReplicaSpec,
+    build_replica,
+    reference_pixels,
+    source_tokenizer,
+)
 
 TOL = 1e-5
 REPLICAS = {
@@ -333,7 +345,7 @@ def test_ensure_hf_checkpoint_imports_once_and_again_when_the_source_changes(tmp
     stamp = (work / "imported" / "medrega_import.json").stat().st_mtime_ns
     assert ensure_hf_checkpoint(str(src), work) == first
     assert (work / "imported" / "medrega_import.json").stat().st_mtime_ns == stamp
-    shard = sorted(src.glob("model-*.safetensors"))[0]
+    shard = min(src.glob("model-*.safetensors"))
     shard.write_bytes(shard.read_bytes())  # same bytes, new mtime: the source changed on disk
     ensure_hf_checkpoint(str(src), work)
     assert (work / "imported" / "medrega_import.json").stat().st_mtime_ns != stamp
