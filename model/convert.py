@@ -663,7 +663,7 @@ def write_shard(path: Path, planned: list[OutTensor], reader: ShardReader) -> in
 
 
 # -- the import --------------------------------------------------------------------------------
-def _expected_state(config) -> dict[str, tuple[tuple[int, ...], torch.dtype | None]]:
+def _expected_state(config) -> dict[str, tuple[int, ...]]:
     from transformers import InternVLForConditionalGeneration
 
     with torch.device("meta"):
