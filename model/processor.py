@@ -33,6 +33,9 @@ class ProcessorConfig:
     system_prompt: str | None = None
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Imported InternVL checkpoints (model/convert.py): a ps_version v1 model is converted to run on
+    # the transposed image (its chat format lives in its tokenizer's chat template).
+    transpose_image: bool = False
 
 
 class TooLong(ValueError):
@@ -51,7 +54,9 @@ class MedRegAProcessor:
         size = self.config.image_size
         image = image.convert("RGB").resize((size, size), Image.BICUBIC)
         array = torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)
-        return (array - self._mean) / self._std
+        pixels = (array - self._mean) / self._std
+        # Boxes stay on the original image's grid: the converted model answers as the v1 model does.
+        return pixels.transpose(1, 2).contiguous() if self.config.transpose_image else pixels
 
     def load_image(self, path: str | Path) -> torch.Tensor:
         with Image.open(path) as image:

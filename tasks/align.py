@@ -10,7 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from medrega import tracking
-from medrega.config import Config
+from medrega.config import Config, ModelConfig
+from medrega.errors import BadInput
 from medrega.grammar import SPECIAL_TOKENS
 from model.data import iter_records
 from model.presets import build_model
@@ -44,8 +45,30 @@ def load_tokenizer(cfg: Config, meta_file: Path):
     return tok
 
 
+def import_base(m: ModelConfig, base_dir: Path) -> MedRegAProcessor:
+    """`model.checkpoint` is a local InternVL remote-layout folder: import it as the base model,
+    with the checkpoint's own tokenizer, chat format and image orientation (model/convert.py)."""
+    from model.convert import import_checkpoint, read_config, vision_spec
+
+    size = vision_spec(read_config(m.checkpoint), Path(m.checkpoint)).image_size
+    if m.image_size != size:
+        raise BadInput(f"{m.checkpoint}/config.json: the checkpoint takes {size}px images, "
+                       f"model.image_size is {m.image_size}")
+    import_checkpoint(m.checkpoint, base_dir, max_length=m.max_length)
+    processor = MedRegAProcessor.from_pretrained(base_dir)
+    if m.system_prompt:
+        processor.config.system_prompt = m.system_prompt
+        processor.save_pretrained(base_dir)
+    return processor
+
+
 def build_base(cfg: Config, meta_file: Path, base_dir: Path) -> MedRegAProcessor:
     m = cfg.model
+    if m.preset != "tiny" and m.checkpoint:
+        from model.convert import is_remote_layout
+
+        if is_remote_layout(m.checkpoint):
+            return import_base(m, base_dir)
     tokenizer = load_tokenizer(cfg, meta_file)
     processor = MedRegAProcessor(tokenizer, ProcessorConfig(image_size=m.image_size, num_image_tokens=m.num_image_tokens,
                                                             max_length=m.max_length, system_prompt=m.system_prompt))
