@@ -116,7 +116,13 @@ class ModelConfig(Section):
     downsample_ratio: float = Field(0.5, gt=0.0, le=1.0)
     max_length: int = Field(384, ge=16)
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    # what training, evaluation and serving load the weights in on GPUs (CPUs always use float32:
+    # bf16 there is slow and some kernels lack it)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # evaluation and serving: null puts the whole model on one GPU (each rank its own); "auto"
+    # spreads it over the GPUs of the node (shared out among the node's ranks) through
+    # accelerate, for a model one GPU cannot hold. A placement that spills to CPU or disk fails.
+    device_map: Literal["auto"] | None = None
     system_prompt: str | None = None
     # tiny preset only: the randomly initialised InternVL built from these
     vision_hidden_size: int = Field(128, ge=8)
@@ -212,10 +218,6 @@ class TokenizerConfig(Section):
     min_frequency: int = Field(2, ge=1)
 
 
-class AlignConfig(TrainingConfig):
-    out: Path = Path("artifacts/align")
-
-
 class LoraConfig(Section):
     r: int = Field(16, ge=1)
     alpha: int = Field(32, ge=1)
@@ -235,15 +237,30 @@ class LauncherConfig(Section):
     nproc_per_node: int = Field(1, ge=1)
     backend: Literal["gloo", "nccl"] = "gloo"
     port: int = Field(29500, ge=1024, le=65535)
-    job_name: str = "medrega-tune"
+    job_name: str | None = None   # the Slurm job's name; null: medrega-<stage>
     time: str = "48:00:00"
     cpus_per_task: int | None = Field(None, ge=1)
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
     python: str | None = None   # the interpreter on the compute nodes (default: this one)
-    # memory of one GPU; set for GPU clusters: tune refuses a plan that cannot fit (`medrega plan`)
+    # memory of one GPU; set for GPU clusters: align and tune refuse a plan that cannot fit (`medrega plan`)
     gpu_memory_gib: float | None = Field(None, gt=0)
+
+
+class AlignConfig(TrainingConfig):
+    out: Path = Path("artifacts/align")
+    # null: the align recipe runs in the stage's own process (the tiny profile). Set: it runs on
+    # every rank like tune (torchrun or Slurm), under `align.deepspeed` when given: a real
+    # checkpoint's frozen weights do not fit one GPU without ZeRO-3 (`medrega plan`).
+    launcher: LauncherConfig | None = None
+    deepspeed: DeepSpeedConfig | None = None
+
+    @model_validator(mode="after")
+    def _deepspeed_needs_ranks(self) -> "AlignConfig":
+        if self.deepspeed is not None and self.launcher is None:
+            raise ValueError("align.deepspeed needs align.launcher (DeepSpeed runs under torchrun or Slurm)")
+        return self
 
 
 class TuneConfig(TrainingConfig):
@@ -279,6 +296,10 @@ class EvaluateConfig(Section):
     gallery: int = Field(12, ge=0)
     wordnet_dir: Path | None = None
     plugins: PluginsConfig = PluginsConfig()
+    # null: answers are generated in the stage's own process. Set: on every rank of this launcher
+    # (torchrun or Slurm, as tune), each rank a deterministic share of the held-out batches;
+    # the answers are merged in item order and equal a one-process run's.
+    launcher: LauncherConfig | None = None
 
     @field_validator("max_samples_per_task")
     @classmethod

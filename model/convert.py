@@ -42,6 +42,7 @@ import torch
 
 from model.processor import CONFIG_NAME as PROCESSOR_CONFIG_NAME
 from model.processor import ProcessorConfig
+from medrega.errors import BadInput
 from medrega.grammar import IM_END, IM_START, IMG_CONTEXT, IMG_END, IMG_START, REGION_TOKENS
 
 REMOTE_ARCHITECTURE = "InternVLChatModel"
@@ -74,8 +75,9 @@ SAFETENSORS_DTYPES = {
 DTYPES_BY_NAME = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be imported; the message names the file and what was found."""
+class CheckpointError(BadInput):
+    """A checkpoint that cannot be imported; the message names the file and what was found.
+    Bad input (exit 3, never retried): the same folder fails the same way every time."""
 
 
 # -- layout detection --------------------------------------------------------------------------

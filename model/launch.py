@@ -1,9 +1,10 @@
-"""Launchers for distributed training: torchrun on this machine, or a Slurm batch job.
+"""Launchers for work on many ranks: torchrun on this machine, or a Slurm batch job.
 
-Both run the same worker, `python -m model.recipes.tune`, on every rank, handing it the resolved
-config file the stage was given (every rank reads that file, never params.yaml). The local launcher is what
-the tiny profile uses (two CPU ranks, gloo); the Slurm launcher writes an sbatch script with
-`srun torchrun` and a c10d rendezvous on the first node, submits it and waits.
+Both run the same worker on every rank (`python -m model.recipes.tune`, `.align`, or `.generate`
+for evaluation), handing it the resolved config file the stage was given (every rank reads that
+file, never params.yaml). The local launcher is what the tiny profile uses (two CPU ranks, gloo);
+the Slurm launcher writes an sbatch script with `srun torchrun` and a c10d rendezvous on the first
+node, submits it and waits.
 """
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ class LaunchFailed(MedregaError):
     """The training job exited non-zero; the message carries the tail of its log."""
 
 
-def worker_args(config: Path, meta: Path, base: Path, out: Path) -> list[str]:
-    return ["-m", "model.recipes.tune", "--config", str(config), "--meta", str(meta),
+def worker_args(config: Path, meta: Path, base: Path, out: Path, recipe: str = "tune") -> list[str]:
+    """A training recipe's command line on every rank (`model/recipes/<recipe>.py`)."""
+    return ["-m", f"model.recipes.{recipe}", "--config", str(config), "--meta", str(meta),
             "--base", str(base), "--out", str(out)]
 
 
@@ -91,7 +93,8 @@ def tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
-def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_file: Path) -> str:
+def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_file: Path,
+                  stage: str = "tune") -> str:
     """A batch script: one task per node, each running torchrun for that node's GPUs."""
     nodes, gpus = launcher.nnodes, launcher.nproc_per_node
     cpu_only = launcher.backend == "gloo"
@@ -99,7 +102,7 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
     cpus = launcher.cpus_per_task or (gpus if cpu_only else 8 * gpus)
     lines = [
         "#!/bin/bash",
-        f"#SBATCH --job-name={launcher.job_name}",
+        f"#SBATCH --job-name={launcher.job_name or 'medrega-' + stage}",
         f"#SBATCH --nodes={nodes}",
         "#SBATCH --ntasks-per-node=1",
         f"#SBATCH --cpus-per-task={cpus}",
@@ -134,12 +137,12 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
 
 
 def run_slurm(launcher: LauncherConfig, args: list[str], log_file: Path, poll_s: float = 2.0,
-              on_line=print) -> str:
+              on_line=print, stage: str = "tune") -> str:
     """Submit, stream the job's log, and raise LaunchFailed with the job's error if it fails."""
     script = log_file.with_suffix(".sbatch")
     log_file.parent.mkdir(parents=True, exist_ok=True)
     log_file.unlink(missing_ok=True)
-    script.write_text(sbatch_script(launcher, args, Path.cwd(), log_file.resolve()))
+    script.write_text(sbatch_script(launcher, args, Path.cwd(), log_file.resolve(), stage))
     out = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True)
     if out.returncode != 0:
         raise LaunchFailed(f"sbatch {script} failed: {out.stderr.strip()}")
@@ -172,5 +175,8 @@ def job_state(job: str) -> str:
     return (a.stdout.split() or ["UNKNOWN"])[0]
 
 
-def launch(launcher: LauncherConfig, args: list[str], log_file: Path) -> None:
-    (run_slurm if launcher.kind == "slurm" else run_local)(launcher, args, log_file)
+def launch(launcher: LauncherConfig, args: list[str], log_file: Path, stage: str = "tune") -> None:
+    if launcher.kind == "slurm":
+        run_slurm(launcher, args, log_file, stage=stage)
+    else:
+        run_local(launcher, args, log_file)

@@ -827,8 +827,8 @@ def make_plan(arch: Architecture, setup: TrainingSetup, *, with_levers: bool = T
         notes.append(f"host RAM for the offloaded states (DeepSpeed's estimate, per node): "
                      f"{details['estimator']['estimator_cpu_bytes_per_node'] / GIB:.0f} GiB")
     if setup.stage == "align" and not fits and not setup.deepspeed:
-        notes.append("align runs in one process without DeepSpeed (tasks/align.py calls train_stage directly): "
-                     "levers with ZeRO-3, offload or more GPUs need it launched like tune")
+        notes.append("align runs in one process without DeepSpeed unless launched: levers with ZeRO-3, offload or "
+                     "more GPUs need `align.launcher` (and `align.deepspeed`), as tune is launched")
     if setup.zero_stage == 3:
         notes.append("ZeRO-3 may hold up to stage3_max_live_parameters (DeepSpeed default 1e9, 2 GB in 16-bit) "
                      "gathered at once; the estimator allows 4 B x the largest layer")
@@ -910,16 +910,22 @@ def setups_from_config(cfg: Config, gpu_memory_bytes: int = GPU_80GB,
                        tokens_per_sample: int | None = None) -> dict[str, TrainingSetup]:
     """The align and tune setups a config describes, as the recipes run them.
 
-    align runs in one process without DeepSpeed (tasks/align.py calls its recipe directly); tune
-    runs under the launcher with `tune.deepspeed.zero_stage` over nnodes x nproc_per_node ranks.
+    align runs in one process without DeepSpeed (tasks/align.py calls its recipe directly) unless
+    `align.launcher` is set: then, like tune, under that launcher with `align.deepspeed` over
+    nnodes x nproc_per_node ranks.
     """
     model, align, tune = cfg.model, cfg.align, cfg.tune
     common = {"dtype": model.dtype, "tokens_per_sample": tokens_per_sample or model.max_length,
               "attn_implementation": model.attn_implementation, "gpu_memory_bytes": gpu_memory_bytes}
-    align_setup = TrainingSetup(stage="align", mode="projector", zero_stage=None, amp=align.bf16,
+    ads, alaunch = align.deepspeed, align.launcher
+    align_setup = TrainingSetup(stage="align", mode="projector", zero_stage=ads.zero_stage if ads else None,
+                                offload_optimizer=bool(ads and ads.offload_optimizer),
+                                offload_params=bool(ads and ads.offload_params), amp=align.bf16,
                                 per_device_batch=align.per_device_batch_size,
                                 gradient_checkpointing=align.gradient_checkpointing,
-                                gradient_accumulation=align.gradient_accumulation_steps, **common)
+                                gradient_accumulation=align.gradient_accumulation_steps,
+                                gpus_per_node=alaunch.nproc_per_node if alaunch else 1,
+                                nodes=alaunch.nnodes if alaunch else 1, **common)
     ds, launcher = tune.deepspeed, tune.launcher
     tune_setup = TrainingSetup(stage="tune", mode=tune.mode, lora_r=tune.lora.r,
                                lora_targets=tuple(tune.lora.target_modules), lora_dropout=tune.lora.dropout,

@@ -4,11 +4,18 @@ For the `tiny` preset the base is made here: a bilingual BPE tokenizer trained o
 instruction corpus and a randomly initialised InternVL, pretrained briefly (model/recipes/
 pretrain.py) to stand in for a downloaded checkpoint. Real presets load their checkpoint and its
 tokenizer. Output: `out_dir/model` (HF format, with tokenizer and processor config).
+
+The align recipe runs in this process, or, when `align.launcher` is set, on every rank of that
+launcher as tune does (torchrun or Slurm, DeepSpeed ZeRO per `align.deepspeed`), reading the
+resolved config written beside the output (`out_dir/config.yaml`). A plan that cannot fit
+`align.launcher.gpu_memory_gib` is refused before anything is launched.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+from medrega import config as config_mod
 from medrega import tracking
 from medrega.config import Config, ModelConfig
 from medrega.errors import BadInput
@@ -90,14 +97,38 @@ def pretrain(cfg: Config, meta_file: Path, base_dir: Path, out_dir: Path) -> Pat
     return base_dir
 
 
+def check_memory(cfg: Config) -> None:
+    """The align plan against `align.launcher.gpu_memory_gib` (nothing to check without GPUs)."""
+    gib = cfg.align.launcher.gpu_memory_gib if cfg.align.launcher else None
+    if gib:
+        from model.plan import GIB, check_fits, plans_for_config
+
+        check_fits(plans_for_config(cfg, int(gib * GIB))["align"])
+
+
+def run_recipe(cfg: Config, meta_file: Path, base_dir: Path, out_dir: Path) -> dict:
+    """The align recipe here, or on every rank of `align.launcher`, reading the config this stage
+    was given (written beside the output, so ranks on any node read exactly it)."""
+    launcher = cfg.align.launcher
+    if launcher is None:
+        return align_recipe.run(cfg, meta_file, base_dir, out_dir)
+    from model.launch import launch, worker_args
+
+    run_config = config_mod.write_resolved(cfg, out_dir / "config.yaml")
+    launch(launcher, worker_args(run_config, meta_file, base_dir, out_dir, recipe="align"), out_dir / "train.log",
+           stage="align")
+    return json.loads((out_dir / "train_summary.json").read_text())
+
+
 def align(instructions_dir: Path, out_dir: Path, cfg: Config) -> dict:
     meta_file = Path(instructions_dir) / "meta_file.json"
     out_dir = Path(out_dir)
     base_dir = out_dir / "base"
+    check_memory(cfg)  # before anything is built or submitted
     with tracking.stage_run("align", {"align": cfg.align, "model": cfg.model, "pretrain": cfg.pretrain}):
         build_base(cfg, meta_file, base_dir)
         if cfg.model.preset == "tiny":
             base_dir = pretrain(cfg, meta_file, base_dir, out_dir / "pretrain")
-        summary = align_recipe.run(cfg, meta_file, base_dir, out_dir)
+        summary = run_recipe(cfg, meta_file, base_dir, out_dir)
         tracking.log_training(summary)
     return summary

@@ -288,10 +288,17 @@ def test_h800_cluster_40b_plan_on_16_gpus():
     assert plan.trainable_params == arch.lora_params(16, tune.lora_targets)
     text = format_plan(plan)
     assert "fits" in text and "ZeRO-3" in text and f"{plan.total_bytes / GIB:.2f}" in text
-    # align, as the pipeline runs it (one process, no DeepSpeed), cannot hold 40B weights on one GPU
+    # align in one process without DeepSpeed (the tiny profile's way) cannot hold 40B weights on one GPU...
+    one_process = params.merged({"align": {"launcher": None, "deepspeed": None}})
+    alone = make_plan(arch, setups_from_config(one_process, gpu_memory_bytes=GPU_80GB)["align"])
+    assert (alone.setup.world, alone.setup.zero_stage) == (1, None)
+    assert not alone.fits and alone.component("parameters") > GPU_80GB * 0.9
+    assert any(lv.fits for lv in alone.levers)
+    # ...so the profile launches it like tune, under ZeRO-3 on the 16 GPUs, where it fits
     align = make_plan(arch, setups["align"])
-    assert not align.fits and align.component("parameters") > GPU_80GB * 0.9
-    assert any(lv.fits for lv in align.levers)
+    assert (align.setup.nodes, align.setup.gpus_per_node, align.setup.zero_stage) == (4, 4, 3)
+    assert align.fits and align.component("parameters") < alone.component("parameters") / 10
+    assert align.trainable_params == arch.parts()["projector"]
 
 
 @pytest.mark.parametrize("changes", [
