@@ -66,6 +66,11 @@ def _model_uri(cfg, model: Optional[str]) -> str:
     return model or f"models:/{cfg.model_name}@{cfg.champion_alias}"
 
 
+def _placement(cfg) -> dict:
+    """The active profile's dtype and device map: the served model places itself as evaluation does."""
+    return {"dtype": cfg.model.dtype, "device_map": cfg.model.device_map}
+
+
 @app.command()
 def serve(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
           model: Optional[str] = typer.Option(None, help="Model URI (default: models:/<name>@champion)."),
@@ -81,7 +86,7 @@ def serve(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile:
     uri = _model_uri(cfg.register_, model)
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        python_model = load_model(uri)
+        python_model = load_model(uri, _placement(cfg))
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         _fail(f"cannot load {uri}: {getattr(err, 'message', None) or err}")
     console.print(f"serving {uri} on http://{host}:{port}/invocations")
@@ -105,7 +110,8 @@ def predict(image: Path = typer.Option(..., help="PNG, JPEG or DICOM file."),
     from medrega import tracking
     from medrega.scans import ScanError, draw_regions, read_scan
 
-    cfg = load(config, params, profile).register_
+    full = load(config, params, profile)
+    cfg = full.register_
     try:
         scan = read_scan(image)
     except ScanError as err:
@@ -114,13 +120,15 @@ def predict(image: Path = typer.Option(..., help="PNG, JPEG or DICOM file."),
     scan.save(buffer, format="PNG")  # DICOM and JPEG alike reach the model as PNG
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
-        loaded = mlflow.pyfunc.load_model(_model_uri(cfg, model))
+        loaded = mlflow.pyfunc.load_model(_model_uri(cfg, model), model_config=_placement(full))
         row = {"image": [base64.b64encode(buffer.getvalue()).decode()], "question": [question]}
         if task:
             row["task"] = [task]
         result = loaded.predict(pd.DataFrame(row))
     except mlflow.exceptions.MlflowException as err:
         _fail(err.message)
+    except BadInput as err:  # e.g. the model does not fit the devices the profile gives it
+        _fail(str(err))
     regions = json.loads(result["regions"][0])
     typer.echo(result["answer"][0])
     typer.echo(json.dumps(regions, ensure_ascii=False))

@@ -87,16 +87,36 @@ def tune(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: 
     run_stage("tune", cfg, run, instructions or cfg.materialize.out, aligned or cfg.align.out, out, cfg, out=out)
 
 
+def external_out(cfg: Config, model: str) -> Path:
+    """Where an evaluation of a model other than the pipeline's goes by default: beside the
+    pipeline's own (which DVC tracks and this must not overwrite), one folder per model."""
+    import re
+
+    slug = re.sub(r"[^A-Za-z0-9@._-]+", "_", model.removeprefix("models:/").removeprefix("runs:/")).strip("_.")
+    return cfg.evaluate.out.with_name(cfg.evaluate.out.name + "-models") / (slug or "model")
+
+
 @app.command()
 def evaluate(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
-             instructions: Optional[Path] = None, model: Optional[Path] = None, out: Optional[Path] = None):
+             instructions: Optional[Path] = None,
+             model: Optional[str] = typer.Option(
+                 None, help="Any model instead of the tuned one: a Hugging Face InternVL folder, an InternVL "
+                            "remote-layout checkpoint (imported first), or a registered model (models:/NAME@ALIAS). "
+                            "Its results go to <evaluate.out>-models/<model> unless --out is given."),
+             out: Optional[Path] = None):
     """Generate answers on the held-out split and score them (region-aligned evaluation)."""
     from tasks.evaluate import evaluate as run
+    from tasks.evaluate import model_folder
 
     cfg = load(config, params, profile)
-    out = out or cfg.evaluate.out
-    run_stage("evaluate", cfg, run, instructions or cfg.materialize.out, model or cfg.tune.out / "model", out, cfg,
-              out=out)
+    data = instructions or cfg.materialize.out
+    if model is None:
+        out = out or cfg.evaluate.out
+        run_stage("evaluate", cfg, run, data, cfg.tune.out / "model", out, cfg, out=out)
+        return
+    out = out or external_out(cfg, model)
+    run_stage("evaluate", cfg, lambda: run(data, model_folder(model, out / "weights", cfg.model.max_length), out, cfg,
+                                           model_ref=model), out=out)
 
 
 @app.command()

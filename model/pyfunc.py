@@ -6,6 +6,9 @@ installed libraries, not the pipeline. Input rows: `image` (base64 PNG/JPEG, opt
 
 Weights come in one of two layouts (params `register.weights`): `merged` (artifact `model`,
 a full checkpoint) or `adapter` (artifacts `base` + `adapter`, merged in memory at load time).
+They are placed as evaluation places them (model.infer.placement): `dtype` and `device_map` come
+from the model config MLflow passes to `load_context`, logged from the training profile and
+overridden by whoever loads it (`medrega serve` and `predict` pass the active profile's).
 
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE): MLflow's scoring server and ours
 (`model.serve`) turn that into an HTTP 400 carrying our message. The bounds are `model.limits`;
@@ -88,27 +91,45 @@ def reserved_pattern(tokenizer) -> re.Pattern:
     return re.compile("|".join(re.escape(t) for t in sorted(tokens, key=len, reverse=True) if t))
 
 
-def load_generator(artifacts: dict[str, str]):
-    """A Generator from either weight layout."""
-    from model.infer import Generator
+PLACEMENT_KEYS = {"dtype": ("float32", "bfloat16", "float16"), "device_map": (None, "auto")}
 
+
+def placement_of(model_config: dict | None) -> dict:
+    """`dtype` and `device_map` from the model config MLflow hands the model: logged with it
+    (the training profile's) unless the loader passes its own (`medrega serve` / `predict`: the
+    active profile's `model` section), so the served model places itself as evaluation does."""
+    chosen = {"dtype": "float32", "device_map": None}
+    chosen.update({k: v for k, v in (model_config or {}).items() if k in PLACEMENT_KEYS})
+    for key, allowed in PLACEMENT_KEYS.items():
+        if chosen[key] not in allowed:
+            raise MlflowException(f"model_config.{key}: {chosen[key]!r} is not one of {list(allowed)}",
+                                  error_code=INVALID_PARAMETER_VALUE)
+    return chosen
+
+
+def load_generator(artifacts: dict[str, str], model_config: dict | None = None):
+    """A Generator from either weight layout, placed per `placement_of(model_config)`."""
+    from model.infer import Generator, check_placed, placement
+
+    where = placement_of(model_config)
     if "adapter" in artifacts:
         from peft import PeftModel
         from transformers import InternVLForConditionalGeneration
 
         from model.processor import MedRegAProcessor
 
-        base = InternVLForConditionalGeneration.from_pretrained(artifacts["base"])
+        base = InternVLForConditionalGeneration.from_pretrained(artifacts["base"], **placement(**where))
+        check_placed(base, artifacts["base"])
         merged = PeftModel.from_pretrained(base, artifacts["adapter"]).merge_and_unload()
         return Generator(merged, MedRegAProcessor.from_pretrained(artifacts["adapter"]))
-    return Generator.from_pretrained(artifacts["model"])
+    return Generator.from_pretrained(artifacts["model"], **where)
 
 
 class MedRegAModel(mlflow.pyfunc.PythonModel):
     limits: ServeConfig = DEFAULT_LIMITS  # in-process predict(); the HTTP server passes its own
 
     def load_context(self, context) -> None:
-        self.generator = load_generator(context.artifacts)
+        self.generator = load_generator(context.artifacts, getattr(context, "model_config", None))
         self.base_prompts = json.loads(Path(context.artifacts["base_prompts"]).read_text(encoding="utf-8"))
         self.max_new_tokens = int(self.base_prompts.pop("_max_new_tokens", 64))
         tokenizer = self.generator.processor.tokenizer

@@ -440,11 +440,12 @@ def protocol_class(limits: ServeConfig):
     return Protocol
 
 
-def load(model_uri: str):
-    """The MedRegAModel inside a pyfunc model URI or folder (loaded with this `model` package)."""
+def load(model_uri: str, model_config: dict | None = None):
+    """The MedRegAModel inside a pyfunc model URI or folder (loaded with this `model` package);
+    `model_config` ({"dtype", "device_map"}) places it instead of the config it was logged with."""
     import mlflow.pyfunc
 
-    python_model = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    python_model = mlflow.pyfunc.load_model(model_uri, model_config=model_config).unwrap_python_model()
     if not callable(getattr(python_model, "answer", None)):
         raise ValueError(f"{model_uri}: not a MedRegA pyfunc model")
     return python_model

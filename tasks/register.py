@@ -195,6 +195,8 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
                        "params": str(staging / "params.json"), "model_card": str(staging / "model_card.md")},
             code_paths=[str(p) for p in CODE_PATHS],
             signature=signature(),
+            # where the served model places itself unless its loader says otherwise (model/pyfunc.py)
+            model_config={"dtype": config.model.dtype, "device_map": config.model.device_map},
             input_example=example_input(example_image) if example_image else None,
             pip_requirements=[f"torch=={_version('torch')}", f"transformers=={_version('transformers')}",
                               f"peft=={_version('peft')}", "pillow", "pandas", f"mlflow=={_version('mlflow')}"],
