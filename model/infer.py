@@ -81,10 +81,13 @@ def placement(dtype: str = "float32", device_map: str | None = None) -> dict:
 
 
 def check_placed(model: torch.nn.Module, where: str) -> None:
-    """Refuse a model accelerate put (partly) on CPU memory or disk beside GPUs, or on disk on a
-    CPU-only machine: generation would crawl, or a GPU run would silently not be one."""
-    devices = set((getattr(model, "hf_device_map", None) or {}).values())
-    spilled = devices & ({"cpu", "disk"} if torch.cuda.is_available() else {"disk"})
+    """Refuse a model accelerate put (partly) on disk, or, on a GPU machine, in CPU memory:
+    generation would crawl, or a GPU run would silently not be one."""
+    mapped = set((getattr(model, "hf_device_map", None) or {}).values())  # set only when dispatched
+    kinds = {p.device.type for p in model.parameters()}
+    spilled = {"disk"} if "disk" in mapped or "meta" in kinds else set()
+    if torch.cuda.is_available() and ("cpu" in mapped or "cpu" in kinds):
+        spilled.add("cpu")
     if spilled:
         raise BadInput(f"{where}: the model does not fit this rank's devices (parts placed on "
                        f"{', '.join(sorted(spilled))}): give each rank more GPUs (fewer ranks per node with "

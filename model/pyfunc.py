@@ -129,7 +129,8 @@ class MedRegAModel(mlflow.pyfunc.PythonModel):
     limits: ServeConfig = DEFAULT_LIMITS  # in-process predict(); the HTTP server passes its own
 
     def load_context(self, context) -> None:
-        self.generator = load_generator(context.artifacts, getattr(context, "model_config", None))
+        self.placement = placement_of(getattr(context, "model_config", None))
+        self.generator = load_generator(context.artifacts, self.placement)
         self.base_prompts = json.loads(Path(context.artifacts["base_prompts"]).read_text(encoding="utf-8"))
         self.max_new_tokens = int(self.base_prompts.pop("_max_new_tokens", 64))
         tokenizer = self.generator.processor.tokenizer

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -73,6 +73,48 @@ class ReplicaSpec:
     seed: int = 0
     head_rows: dict = field(default_factory=dict)  # token -> lm_head row scale; other rows zero (predict test)
     text_scale: float = 1.0             # scales the token embeddings (0: the LM hears only the image)
+
+
+# The published layouts, each as a replica (tests/test_import_checkpoint.py proves the import of
+# every one; the `replica-*` profiles in params.yaml run the pipeline on two of them).
+LAYOUTS = {
+    # InternVL-Chat-V1-2: Nous-Hermes-2-Yi-34B (Llama), InternViT-6B with qk-norm and RMSNorm; its
+    # config has neither ps_version nor norm_type, and the repo ships conversation.py.
+    "internvl-chat-v1-2": ReplicaSpec(),
+    # MedRegA's released weights: the same architecture, ps_version "v1" written out by the 1.2
+    # fine-tune script, no conversation.py beside the weights.
+    "medrega": ReplicaSpec(ps_version="v1", conversation_py=False, seed=1, shards=4),
+    # InternVL 2.5 / 3 with a Qwen2 LM: InternViT-300M (LayerNorm, qkv bias, no qk-norm), ps v2, a
+    # tied output head; a ViT pretrained at a smaller size (position grid interpolated), a deeper
+    # feature layer, and a tokenizer without the region tokens (they are added).
+    "internvl3-qwen2": ReplicaSpec(lm="qwen2", ps_version="v2", norm_type="layer_norm", qk_norm=False, qkv_bias=True,
+                                   template="internvl2_5", tie=True, vit_image_size=42, select_layer=-2,
+                                   missing_tokens=("<ref>", "</ref>", "<box>", "</box>"), vocab_pad=0,
+                                   dynamic_image_size=True, seed=2),
+    # InternVL 2.5 with an InternLM2 LM: grouped wqkv, a tokenizer that is remote code and prepends <s>.
+    "internvl2_5-internlm2": ReplicaSpec(lm="internlm2", ps_version="v2", norm_type="layer_norm", qk_norm=False,
+                                         qkv_bias=True, template="internvl2_5", bos=True, conversation_py=False,
+                                         seed=3, shards=5),
+}
+
+
+def grounded_answers(n: int = 16, seed: int = 7) -> list[str]:
+    """Whole grounded answers (`<ref>liver</ref><box>[[x1, y1, x2, y2]]</box>`), to be single tokens."""
+    rng = np.random.RandomState(seed)
+    out = []
+    for _ in range(n):
+        x1, y1 = rng.randint(0, 600, 2)
+        x2, y2 = x1 + rng.randint(50, 399), y1 + rng.randint(50, 399)
+        out.append(f"<ref>liver</ref><box>[[{x1}, {y1}, {x2}, {y2}]]</box>")
+    return out
+
+
+def answering_in_boxes(spec: ReplicaSpec) -> ReplicaSpec:
+    """`spec` whose vocabulary holds whole grounded answers, whose output head can choose only among
+    them and whose token embeddings are silent: random weights cannot learn the box grammar, so this
+    replica answers in it from the first token, and the image decides which box (serving tests)."""
+    answers = grounded_answers()
+    return replace(spec, answer_tokens=tuple(answers), head_rows={a: 1.0 for a in answers}, text_scale=0.0)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
@@ -476,3 +518,20 @@ class RemoteReference:
         grid = self.image_size // self.vision["patch_size"]
         tokens = int(grid * grid * self.config["downsample_ratio"] ** 2)
         return query.replace("<image>", "<img>" + "<IMG_CONTEXT>" * tokens * num_patches + "</img>", 1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m tests.internvl_replicas LAYOUT DIR [--boxes]`: a replica for a `replica-*` profile."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("layout", choices=sorted(LAYOUTS))
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--boxes", action="store_true", help="answer in grounded boxes (answering_in_boxes)")
+    a = parser.parse_args(argv)
+    spec = answering_in_boxes(LAYOUTS[a.layout]) if a.boxes else LAYOUTS[a.layout]
+    print(build_replica(a.folder, spec))
+
+
+if __name__ == "__main__":
+    main()

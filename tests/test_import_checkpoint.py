@@ -34,6 +34,7 @@ from model.processor import MedRegAProcessor
 from tests.internvl_replicas import (
     HERMES2_SYSTEM,
     INTERNVL25_SYSTEM,
+    LAYOUTS,
     RemoteReference,
     ReplicaSpec,
     build_replica,
@@ -42,25 +43,7 @@ from tests.internvl_replicas import (
 )
 
 TOL = 1e-5
-REPLICAS = {
-    # InternVL-Chat-V1-2: Nous-Hermes-2-Yi-34B (Llama), InternViT-6B with qk-norm and RMSNorm; its
-    # config has neither ps_version nor norm_type, and the repo ships conversation.py.
-    "internvl-chat-v1-2": ReplicaSpec(),
-    # MedRegA's released weights: the same architecture, ps_version "v1" written out by the 1.2
-    # fine-tune script, no conversation.py beside the weights.
-    "medrega": ReplicaSpec(ps_version="v1", conversation_py=False, seed=1, shards=4),
-    # InternVL 2.5 / 3 with a Qwen2 LM: InternViT-300M (LayerNorm, qkv bias, no qk-norm), ps v2, a
-    # tied output head; a ViT pretrained at a smaller size (position grid interpolated), a deeper
-    # feature layer, and a tokenizer without the region tokens (they are added).
-    "internvl3-qwen2": ReplicaSpec(lm="qwen2", ps_version="v2", norm_type="layer_norm", qk_norm=False, qkv_bias=True,
-                                   template="internvl2_5", tie=True, vit_image_size=42, select_layer=-2,
-                                   missing_tokens=("<ref>", "</ref>", "<box>", "</box>"), vocab_pad=0,
-                                   dynamic_image_size=True, seed=2),
-    # InternVL 2.5 with an InternLM2 LM: grouped wqkv, a tokenizer that is remote code and prepends <s>.
-    "internvl2_5-internlm2": ReplicaSpec(lm="internlm2", ps_version="v2", norm_type="layer_norm", qk_norm=False,
-                                         qkv_bias=True, template="internvl2_5", bos=True, conversation_py=False,
-                                         seed=3, shards=5),
-}
+REPLICAS = LAYOUTS  # the published layouts, each as a tiny replica (tests/internvl_replicas.py)
 
 
 def scan(width: int = 150, height: int = 90, seed: int = 0) -> Image.Image:
