@@ -315,3 +315,14 @@ def test_total_is_the_sum_of_the_printed_components(changes):
     assert all(c.bytes >= 0 for c in plan.components)
     if changes.get("tokens_per_sample") == 300:
         assert plan.component("gradients") == plan.trainable_params * 2  # bf16 gradients of the LLM
+
+
+def test_align_refuses_a_plan_that_cannot_fit_before_anything_is_built(tmp_path):
+    from tasks.align import align
+
+    params = config.resolve(REPO / "params.yaml", "h800-cluster")
+    # the 40B model's align on one 80 GB GPU without ZeRO: refused, with the levers that fit
+    alone = params.merged({"align": {"deepspeed": None, "launcher": {"nnodes": 1, "nproc_per_node": 1}}})
+    with pytest.raises(PlanDoesNotFit, match=r"(?s)align: .* GiB per GPU needed.*Levers that would make it fit"):
+        align(tmp_path / "instructions", tmp_path / "align", alone)
+    assert not (tmp_path / "align").exists()
