@@ -114,7 +114,8 @@ def answering_in_boxes(spec: ReplicaSpec) -> ReplicaSpec:
     them and whose token embeddings are silent: random weights cannot learn the box grammar, so this
     replica answers in it from the first token, and the image decides which box (serving tests)."""
     answers = grounded_answers()
-    return replace(spec, answer_tokens=tuple(answers), head_rows={a: 1.0 for a in answers}, text_scale=0.0)
+    # an output head of its own (untied): silent embeddings would otherwise silence the head too
+    return replace(spec, answer_tokens=tuple(answers), head_rows={a: 1.0 for a in answers}, text_scale=0.0, tie=False)
 
 
 # -- tokenizer ---------------------------------------------------------------------------------
