@@ -32,6 +32,10 @@ def worker_args(config: Path, meta: Path, base: Path, out: Path, recipe: str = "
 
 def worker_env() -> dict[str, str]:
     env = dict(os.environ)
+    # This interpreter's tools first: DeepSpeed JIT-builds its ops with the first `ninja` on PATH,
+    # and two ninja versions (the venv's, the system's) write logs the other cannot read, so
+    # callers with different PATHs would rebuild the op (a minute or more) on every launch.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]).rstrip(os.pathsep)
     # DeepSpeed picks its accelerator at import; on a CPU box it must be told.
     if not _has_cuda():
         env.setdefault("DS_ACCELERATOR", "cpu")
