@@ -235,6 +235,9 @@ class LauncherConfig(Section):
     kind: Literal["local", "slurm"] = "local"
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
+    # GPUs Slurm allocates per node; null: one per rank. More than ranks: a rank spreads its model
+    # over several (evaluation with model.device_map auto)
+    gpus_per_node: int | None = Field(None, ge=1)
     backend: Literal["gloo", "nccl"] = "gloo"
     port: int = Field(29500, ge=1024, le=65535)
     job_name: str | None = None   # the Slurm job's name; null: medrega-<stage>
@@ -246,6 +249,12 @@ class LauncherConfig(Section):
     python: str | None = None   # the interpreter on the compute nodes (default: this one)
     # memory of one GPU; set for GPU clusters: align and tune refuse a plan that cannot fit (`medrega plan`)
     gpu_memory_gib: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _a_gpu_per_rank(self) -> "LauncherConfig":
+        if self.gpus_per_node is not None and self.gpus_per_node < self.nproc_per_node:
+            raise ValueError(f"gpus_per_node {self.gpus_per_node} is fewer than nproc_per_node {self.nproc_per_node}")
+        return self
 
 
 class AlignConfig(TrainingConfig):

@@ -100,10 +100,11 @@ def tail(path: Path, lines: int = 30) -> str:
 def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_file: Path,
                   stage: str = "tune") -> str:
     """A batch script: one task per node, each running torchrun for that node's GPUs."""
-    nodes, gpus = launcher.nnodes, launcher.nproc_per_node
+    nodes, ranks = launcher.nnodes, launcher.nproc_per_node
+    gpus = launcher.gpus_per_node or ranks  # more GPUs than ranks: each rank spreads over several
     cpu_only = launcher.backend == "gloo"
     # a CPU job needs one core per rank; a GPU job some data-loader cores per GPU
-    cpus = launcher.cpus_per_task or (gpus if cpu_only else 8 * gpus)
+    cpus = launcher.cpus_per_task or (ranks if cpu_only else 8 * gpus)
     lines = [
         "#!/bin/bash",
         f"#SBATCH --job-name={launcher.job_name or 'medrega-' + stage}",
@@ -132,7 +133,7 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
         lines.append("export DS_ACCELERATOR=cpu")
     torchrun = [
         shlex.quote(launcher.python or sys.executable), "-m", "torch.distributed.run",
-        f"--nnodes={nodes}", f"--nproc-per-node={gpus}",
+        f"--nnodes={nodes}", f"--nproc-per-node={ranks}",
         "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
         *(shlex.quote(a) for a in args),
     ]

@@ -30,6 +30,21 @@ def test_cluster_profile_sbatch_matches_the_papers_layout():
     assert "DS_ACCELERATOR=cpu" not in script  # GPUs: DeepSpeed picks CUDA itself
 
 
+def test_cluster_profile_launches_align_and_evaluation_like_tune():
+    cfg = config.resolve(REPO / "params.yaml", "h800-cluster")
+    args = worker_args(Path("a/config.yaml"), Path("m.json"), Path("a/base"), Path("a"), recipe="align")
+    align = sbatch_script(cfg.align.launcher, args, Path("/work"), Path("/work/align.log"), stage="align").splitlines()
+    assert {"#SBATCH --job-name=medrega-align", "#SBATCH --nodes=4", "#SBATCH --gpus-per-node=4"} <= set(align)
+    assert next(line for line in align if line.startswith("srun ")).endswith(
+        "-m model.recipes.align --config a/config.yaml --meta m.json --base a/base --out a")
+    # evaluation: two ranks per node, each spreading the 40B model over two of the node's four GPUs
+    args = ["-m", "model.recipes.generate", "--config", "e/config.yaml", "--model", "t/model", "--work", "e/ranks"]
+    ev = sbatch_script(cfg.evaluate.launcher, args, Path("/work"), Path("/work/e.log"), stage="evaluate").splitlines()
+    assert {"#SBATCH --job-name=medrega-evaluate", "#SBATCH --gpus-per-node=4"} <= set(ev)
+    assert "--nproc-per-node=2" in next(line for line in ev if line.startswith("srun "))
+    assert cfg.model.device_map == "auto"
+
+
 @pytest.fixture(scope="module")
 def slurm_cluster(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm")
