@@ -285,11 +285,11 @@ def test_a_profile_switch_reruns_what_differs_and_registers_under_it(run):
     finally:
         (ws / "dvc.yaml").write_text(original)
         assert sh(ws, env, "dvc", "commit", "-f", "register").returncode == 0  # the lock records the real command
-    log = out(switched)
+    log = out(switched) + "\n--- params.resolved.yaml ---\n" + (ws / "params.resolved.yaml").read_text()[:3000]
     assert switched.returncode == 0, log
     assert stage_rows(switched.stdout) == {"validate": "up to date (skipped)", "materialize": "up to date (skipped)",
                                            "align": "up to date (skipped)", "tune": "up to date (skipped)",
-                                           "evaluate": "ran", "register": "ran"}
+                                           "evaluate": "ran", "register": "ran"}, log
     assert (ws / ".outage-seen").exists() and "EndpointConnectionError" in log
     assert log.count("Retry 1/2") == 1 and "Retry 2/2" not in log  # one retry, of register only
     assert "register" in next(line for line in log.splitlines() if "Retry 1/2" in line)
