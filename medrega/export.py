@@ -143,8 +143,8 @@ def framing_bytes(t: Tiling) -> int:
 
 def bake(question: str, base: str | None) -> str:
     """The first human turn with the base prompt after `<image>\\n` (SPEC §1), exactly once: a turn
-    that already starts with it (baked before, or a source that ships it there) is left as it is."""
-    if not base or grammar.without_image(question).startswith(base):
+    that already carries it (baked before, or a source that ships it there) is left as it is."""
+    if not base or base in question:
         return question
     return grammar.user_text(question, base)
 
@@ -228,6 +228,8 @@ def _export_entry(name: str, entry: dict, split: str, final: Path, work: Path, o
         annotation = final / rel  # where it will be once the export is renamed into place
     out = {**entry, "root": str(Path(entry["root"]).resolve()), "annotation": str(annotation), "length": len(kept),
            "max_dynamic_patch": t.max_tiles}
+    if not t.dynamic:  # range(repeat_time) upstream: 1.0 would stop it as surely as 0.5
+        out["repeat_time"] = int(entry.get("repeat_time", 1))
     if opts["bake"] and base:
         out["base_prompt"] = None  # it is in every human turn now: a trainer that honours it must not add it again
     return out, quarantined
@@ -269,6 +271,7 @@ def export_internvl(instructions: Path, out_dir: Path, t: Tiling, max_seq_length
     if not metas:
         raise BadInput(f"{instructions}: no {' or '.join(n for n, _ in META_FILES)} (give a materialize output)")
     _guard(out_dir, instructions)
+    _image_size.cache_clear()  # sizes are read afresh for every export
     final = out_dir.resolve()
     opts = {"tiling": t, "bake": bake_base_prompt, "max_seq_length": max_seq_length}
     summary: dict[str, Any] = {"for": "internvl", "instructions": str(instructions.resolve()), "tiling": asdict(t),

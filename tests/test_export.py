@@ -104,6 +104,8 @@ def test_bake_is_idempotent_and_needs_a_prompt():
     assert export.bake(once, "PROMPT.") == once
     assert export.bake("What?", "PROMPT.") == "<image>\nPROMPT. What?"  # <image> made explicit, first
     assert export.bake("<image>\nWhat?", None) == "<image>\nWhat?"
+    shipped = "<image>\nWhat is this? PROMPT."  # a source that ships the prompt elsewhere in the turn
+    assert export.bake(shipped, "PROMPT.") == shipped
 
 
 @pytest.mark.parametrize("size, grid, tiles", [
@@ -206,3 +208,20 @@ def test_cli_export_meta(tmp_path):
     assert CliRunner().invoke(app, [*args, "--for", "llava"]).exit_code == 3
     refused = CliRunner().invoke(app, [*args, "--for", "internvl", "--tiling", "internvl2.5"])
     assert refused.exit_code == 3 and "t2r-en-mr_odd" in refused.output
+
+
+def test_repeat_time_must_be_whole_for_internvl_chat_v1_2(tmp_path):
+    """Its build_datasets repeats with range(repeat_time)."""
+    src = _odd_instructions(tmp_path)
+    meta = json.loads((src / "meta_file.json").read_text())
+    meta["t2r_en"]["repeat_time"] = 1.0
+    (src / "meta_file.json").write_text(json.dumps(meta))
+    export.export_internvl(src, tmp_path / "whole", export.tiling("internvl-chat-v1-2"))
+    assert json.loads((tmp_path / "whole" / "meta_file.json").read_text())["t2r_en"]["repeat_time"] == 1
+    meta["t2r_en"]["repeat_time"] = 0.5
+    (src / "meta_file.json").write_text(json.dumps(meta))
+    with pytest.raises(BadInput, match=r"meta_file.json \(entry t2r_en\): rule 'repeat_time is a whole number'"):
+        export.export_internvl(src, tmp_path / "half", export.tiling("internvl-chat-v1-2"))
+    assert not (tmp_path / "half").exists()
+    half = export.export_internvl(src, tmp_path / "half25", export.tiling("internvl2.5"), max_quarantine_share=1.0)
+    assert half["meta_files"]["meta_file.json"]["entries"] == 1  # newer trainers sample a fraction
