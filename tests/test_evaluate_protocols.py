@@ -15,7 +15,7 @@ from PIL import Image
 import tasks.evaluate as ev
 from medrega.grammar import format_regions
 from medrega.metrics import release as R
-from tasks.register import model_card, release_metrics
+from tasks.register import flat_metrics, model_card, release_metrics
 from tests.conftest import tiny
 
 LIVER = format_regions([("liver", [[100, 100, 500, 600]])])
@@ -121,3 +121,6 @@ def test_model_card_has_a_release_section(evaluated):
     assert "### r2t · zh" in section and "region_f1" not in section
     empty = model_card(tiny(), {}, {}, None, {})
     assert "(not computed for this evaluation)" in empty
+    # the registry's tags and the promotion gate read ours only: no release figure among them
+    ours = flat_metrics(out)
+    assert ours["t2r.region_f1"] == flat["t2r"]["region_f1"] and not any(k.startswith("release") for k in ours)
