@@ -206,6 +206,8 @@ def final_report(cfg: Config, results: dict[str, Any], pushed: str) -> str:
     lines += ["", f"- Registered model: `{reg.get('uri')}` (version {reg.get('version')}, name `{reg.get('model_name')}`)",
               f"- MLflow tracking: `{reg.get('tracking_uri')}`"]
     for task_name, m in metrics.items():
+        if task_name == "release":  # the authors' protocol's figures: in metrics.json and report.html, not here
+            continue
         keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "macro_f1", "closed_accuracy", "open_recall", "bleu1", "rougeL", "meteor", "name_accuracy") if k in m]
         lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     lines += [f"- Metrics file: `{cfg.evaluate.out}/metrics.json` (`dvc metrics show`); "

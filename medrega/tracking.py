@@ -117,6 +117,15 @@ def metric_name(name: str) -> str:
     return name.replace("@", "_at_")
 
 
+def log_release_metrics(release: dict[str, dict[str, dict[str, float]]]) -> None:
+    """The authors' protocol's figures (`release_headline`) as `release/<task>/<setting or
+    lang>/<their key>`, so no figure of theirs can be mistaken for one of ours."""
+    import mlflow
+
+    mlflow.log_metrics({metric_name(f"release/{task}/{sub}/{k}"): float(v) for task, subs in release.items()
+                        for sub, figures in subs.items() for k, v in figures.items()})
+
+
 def log_task_metrics(metrics: dict[str, dict[str, Any]]) -> None:
     """`{task: {figure: value}}` as `task/figure` metrics."""
     import mlflow

@@ -5,7 +5,10 @@ task, language, modality, setting), `metrics.json` (headline figures, read by
 `dvc metrics show`), `breakdown.json` (every figure by language, modality and setting) and
 `report.html` (tables, IoU distribution, name confusions, a gallery of drawn boxes).
 `breakdown.json` also holds, under "release", the figures the authors' released evaluators
-print on the same answers (`medrega.metrics.release`, their keys), beside ours.
+print on the same answers (`medrega.metrics.release`, their keys), beside ours; their numeric
+headline is in `metrics.json` under "release" (`{task: {setting or lang: {their key: value}}}`),
+in the MLflow run as `release/<task>/<setting or lang>/<key>` and in the model card. Every other
+figure is ours (protocol `medrega`).
 """
 from __future__ import annotations
 
@@ -16,7 +19,7 @@ from typing import Any
 from medrega import io, tracking
 from medrega.config import Config, EvaluateConfig
 from medrega.metrics import html, plugins
-from medrega.metrics.release import release_block
+from medrega.metrics.release import PROTOCOL as RELEASE, release_block, release_headline
 from medrega.metrics.report import find_wordnet
 from medrega.metrics.scoring import TASKS, Scorer, headline, model_texts, score_samples, summarise
 from medrega.vocab import names_match, names_match_lenient
@@ -73,13 +76,15 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, config: Con
         metrics = summarise(samples, s, plugins.compute(loaded, model_texts(items)))
         flat = headline(metrics)
         metrics["release"] = release_block(items, wordnet=s.wordnet, bertscore=loaded.get("bertscore"))
+        flat[RELEASE] = release_headline(metrics["release"])  # beside ours, never mixed in: its own key
         io.write_jsonl(out_dir / "answers.jsonl", items)
         io.write_json(out_dir / "breakdown.json", metrics)
         io.write_json(out_dir / "metrics.json", flat)
         io.write_text(out_dir / "report.html", html.render(metrics, items, samples, gallery=cfg.gallery))
         import mlflow
 
-        tracking.log_task_metrics(flat)
+        tracking.log_task_metrics({task: m for task, m in flat.items() if task != RELEASE})
+        tracking.log_release_metrics(flat[RELEASE])
         for name in ("answers.jsonl", "breakdown.json", "report.html"):
             mlflow.log_artifact(str(out_dir / name))
     return flat

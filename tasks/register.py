@@ -103,8 +103,32 @@ def signature():
     )
 
 
-def model_card(cfg: Config, metrics: dict[str, float], lineage: dict[str, str], instructions_dir: Path | None) -> str:
-    """Markdown: data mix, training settings, metrics tables, known limits."""
+def release_metrics(eval_dir: Path) -> dict:
+    """The authors' protocol's figures from metrics.json (`release`), {} when it has none."""
+    release = json.loads((Path(eval_dir) / "metrics.json").read_text()).get("release")
+    return release if isinstance(release, dict) else {}
+
+
+def release_section(release: dict) -> list[str]:
+    """Model-card lines: the authors' released evaluators' figures, one table per task and
+    setting (or language), in their keys, so none can be read as ours."""
+    lines = ["## Evaluation under the authors' released evaluators (protocol `release`)", "",
+             "The same answers scored by the evaluators of xmed-lab/MedRegA (`src/eval`), reproduced with their",
+             "defects (docs/evaluation-protocols.md): comparable with the paper's tables, not with the figures above.",
+             "Keys are theirs (their `precision`/`recall` swapped; SM = one object in several boxes, their `ms`).", ""]
+    if not release:
+        return lines + ["(not computed for this evaluation)", ""]
+    for task, subs in sorted(release.items()):
+        for sub, figures in sorted(subs.items()):
+            keys = list(figures)
+            lines += [f"### {task} · {sub}", "", "| " + " | ".join(keys) + " |", "|" + "---|" * len(keys),
+                      "| " + " | ".join(f"{figures[k]:.4g}" for k in keys) + " |", ""]
+    return lines
+
+
+def model_card(cfg: Config, metrics: dict[str, float], lineage: dict[str, str], instructions_dir: Path | None,
+               release: dict | None = None) -> str:
+    """Markdown: data mix, training settings, metrics tables (ours, then the authors' protocol's), known limits."""
     t, m = cfg.tune, cfg.model
     lines = [f"# {cfg.register_.model_name}: MedRegA ({cfg.profile} profile)", "",
              "Region-aware bilingual (English/Chinese) medical multimodal LLM. Input: an image and a question;",
@@ -132,7 +156,7 @@ def model_card(cfg: Config, metrics: dict[str, float], lineage: dict[str, str], 
               + (f"DeepSpeed ZeRO-{t.deepspeed.zero_stage}, " if t.deepspeed else "no DeepSpeed, ")
               + f"{t.launcher.nnodes}x{t.launcher.nproc_per_node} ranks",
               f"- weights shipped: `{cfg.register_.weights}`", "",
-              "## Evaluation (held-out patients; precision/recall in the standard sense)", ""]
+              "## Evaluation (protocol `medrega`, ours: held-out patients; precision/recall in the standard sense)", ""]
     tasks = sorted({k.split(".")[0] for k in metrics})
     for task in tasks:
         figures = sorted({k.split(".")[-1] for k in metrics if k.startswith(task + ".")})
@@ -142,6 +166,7 @@ def model_card(cfg: Config, metrics: dict[str, float], lineage: dict[str, str], 
             cells = [metrics.get(f"{task}.{fig}")] + [metrics.get(f"{task}.{lang}.{fig}") for lang in langs]
             lines.append(f"| {fig} | " + " | ".join("" if c is None else f"{c:.4g}" for c in cells) + " |")
         lines.append("")
+    lines += release_section(release or {})
     lines += ["## Known limits", "",
               "- The `tiny` profile is a few-million-parameter model trained minutes on synthetic scans: its answers",
               "  demonstrate the pipeline, not medical ability. Never use any profile's output for diagnosis.",
@@ -185,7 +210,8 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
         mlflow.set_tags(lineage)
         mlflow.log_params(tracking.flatten({k: v for k, v in config.as_dict().items() if k != "register"}))
         mlflow.log_metrics({tracking.metric_name(k.replace(".", "/")): v for k, v in metrics.items()})
-        card = model_card(config, metrics, lineage, instructions_dir or config.materialize.out)
+        card = model_card(config, metrics, lineage, instructions_dir or config.materialize.out,
+                          release_metrics(eval_dir))
         io.write_text(staging / "model_card.md", card)
         mlflow.log_text(card, "model_card.md")
         info = mlflow.pyfunc.log_model(
