@@ -21,38 +21,85 @@ import pytest
 import yaml
 from PIL import Image
 
-from medrega.registry import compare, version_metrics
+from medrega.registry import Evidence, compare, measured_tags, version_evidence, version_metrics
 from model.pyfunc import BadInput, decode_image
 from tests.servers import free_port, stop, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-GATES = ["t2r.region_f1", "t2r.en.region_f1", "r2t.accuracy", "grounded.align_accuracy"]
+GATES = ["t2r.region_f1", "t2r.en.region_f1", "r2t.accuracy", "grounded.align_f1"]
+# what evaluate records in breakdown.json's `measured_on`, as registration tags it
+MEASURED = {"protocol": "medrega", "iou_threshold": 0.5, "name_match": "strict", "max_new_tokens": 128,
+            "tasks": {"t2r": {"n": 40, "items": "a" * 64}, "r2t": {"n": 40, "items": "b" * 64}}}
+
+
+def evidence(figures: dict, measured: dict | None = MEASURED) -> Evidence:
+    return version_evidence({**{f"metric.{k}": str(v) for k, v in figures.items()},
+                             **(measured_tags(measured) if measured else {})})
+
+
+def remeasured(**changes) -> dict:
+    """MEASURED with settings or per-task records changed (`r2t={"n": 4}`)."""
+    out = {**MEASURED, "tasks": {t: dict(m) for t, m in MEASURED["tasks"].items()}}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            out["tasks"][key].update(value)
+        else:
+            out[key] = value
+    return out
 
 
 # -- the promotion rule ----------------------------------------------------------------------
 
 def test_first_version_becomes_champion():
-    decision = compare({"t2r.region_f1": 0.1}, None, GATES, 0.01)
+    decision = compare(evidence({"t2r.region_f1": 0.1}), None, GATES, 0.01)
     assert decision.promote and "first version" in decision.reason
 
 
 def test_promotes_within_tolerance_and_ignores_unmeasured():
-    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
-    new = {"t2r.region_f1": 0.295, "t2r.en.region_f1": 0.40, "r2t.accuracy": 0.6}
+    old = evidence({"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5})
+    new = evidence({"t2r.region_f1": 0.295, "t2r.en.region_f1": 0.40, "r2t.accuracy": 0.6})
     decision = compare(new, old, GATES, 0.01)
     assert decision.promote, decision.reason
     status = {r.metric: r.status for r in decision.rows}
     assert status == {"t2r.region_f1": "ok", "t2r.en.region_f1": "ok", "r2t.accuracy": "ok",
-                      "grounded.align_accuracy": "not measured"}
+                      "grounded.align_f1": "not measured"}
 
 
 def test_refuses_any_regressed_or_missing_gate():
-    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
-    new = {"t2r.region_f1": 0.50, "t2r.en.region_f1": 0.20}
+    old = evidence({"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5})
+    new = evidence({"t2r.region_f1": 0.50, "t2r.en.region_f1": 0.20})
     decision = compare(new, old, GATES, 0.01)
-    assert not decision.promote
+    assert not decision.promote and decision.comparable
     assert decision.regressed == ["t2r.en.region_f1", "r2t.accuracy"]
+
+
+def test_figures_on_other_sample_counts_are_not_comparable():
+    # the finding: a 20-sample accuracy of 0.95 was refused against a 4-sample 1.0
+    old = evidence({"r2t.accuracy": 1.0, "t2r.region_f1": 0.3}, remeasured(r2t={"n": 4, "items": "c" * 64}))
+    new = evidence({"r2t.accuracy": 0.95, "t2r.region_f1": 0.3}, remeasured(r2t={"n": 20}))
+    decision = compare(new, old, ["r2t.accuracy", "t2r.region_f1"], 0.01)
+    assert not decision.promote and not decision.comparable
+    rows = {r.metric: r for r in decision.rows}
+    assert rows["r2t.accuracy"].status == "not comparable" and "r2t.n 20 vs 4" in rows["r2t.accuracy"].note
+    assert "r2t.items differ" in rows["r2t.accuracy"].note
+    assert rows["t2r.region_f1"].status == "ok"  # the t2r figures were measured alike
+    assert decision.reason.startswith("not comparable: r2t figures measured differently")
+    assert "regressed" not in decision.reason  # 0.95 vs 1.0 is not read as a regression
+
+
+@pytest.mark.parametrize("changed, words", [
+    (remeasured(iou_threshold=0.75), "iou_threshold 0.75 vs 0.5"),
+    (remeasured(name_match="lenient"), "name_match lenient vs strict"),
+    (remeasured(protocol="release"), "protocol release vs medrega"),
+    (remeasured(t2r={"items": "d" * 64}), "t2r.items differ"),
+    (None, "the challenger does not record"),
+])
+def test_any_difference_in_how_figures_were_measured_is_named(changed, words):
+    decision = compare(evidence({"t2r.region_f1": 0.5}, changed), evidence({"t2r.region_f1": 0.3}),
+                       ["t2r.region_f1"], 0.01)
+    assert not decision.promote and decision.rows[0].status == "not comparable"
+    assert words in decision.reason
 
 
 def test_version_metrics_reads_tags():
