@@ -131,7 +131,11 @@ def reference(tune_out: Path, lock_file: Path = Path("dvc.lock"), repo: Path = P
     md5 = locked_output(lock_file, "tune", tune_out)
     public, here = _default_remote(Path(repo))
     odb = _odb(here)
-    listing = _listing(odb, md5, public["url"])
+    try:
+        listing = _listing(odb, md5, public["url"])
+    except WeightsError as err:
+        raise WeightsError(f"{err}: push the tuned checkpoint first (`dvc push tune`; `medrega pipeline` "
+                           "does before it registers)") from None
     files = {rel: h for rel, h in sorted(listing.items()) if rel.split("/")[0] in FOLDERS}
     if not any(rel.startswith("model/") for rel in files):
         raise WeightsError(f"checkpoint {md5} ({tune_out}) has no model/ folder to load")

@@ -212,14 +212,15 @@ def tiny_model(root: Path) -> tuple[Path, Path, Path, dict]:
     return merged, base, adapter, params
 
 
-def eval_dir(root: Path, name: str, region_f1: float, accuracy: float) -> Path:
+def eval_dir(root: Path, name: str, region_f1: float, accuracy: float, measured: dict = MEASURED) -> Path:
     out = root / name
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps({"t2r": {"region_f1": region_f1, "acc@0.5": 0.1, "n": 4},
                                                   "r2t": {"accuracy": accuracy, "n": 4}}))
     (out / "breakdown.json").write_text(json.dumps({
         "t2r": {"by": {"by_lang": {"en": {"region_f1": region_f1}, "zh": {"region_f1": region_f1}}}},
-        "r2t": {"by": {"by_lang": {"en": {"accuracy": accuracy}, "zh": {"accuracy": accuracy}}}}}))
+        "r2t": {"by": {"by_lang": {"en": {"accuracy": accuracy}, "zh": {"accuracy": accuracy}}}},
+        "measured_on": measured}))
     return out
 
 
@@ -258,7 +259,11 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     mv = client.get_model_version("medrega", v1["version"])
     assert mv.tags["dvc.dataset"] == "datahash.dir" and mv.tags["dvc.checkpoint"] == "ckpthash.dir"
     assert mv.tags["prefect_flow_run_id"] == "flow-run-1" and "git_commit" in mv.tags
-    assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["metric.t2r.acc_at_0.5"] == "0.1"
+    assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["measured.t2r.n"] == "40"
+    # a curated set of tags; every figure (acc@0.5 is neither a gate nor a headline) in registration.json
+    assert "metric.t2r.acc_at_0.5" not in mv.tags and len(mv.tags) < 40, sorted(mv.tags)
+    record = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/registration.json")
+    assert record["metrics"]["t2r.acc@0.5"] == 0.1 and record["measured_on"] == MEASURED
     assert "## Known limits" in mv.description and "| region_f1 |" in mv.description
     assert client.get_run(mv.run_id).data.params["tune.mode"] == params.tune.mode
     assert client.get_model_version_by_alias("medrega", "challenger").version == v2["version"]
@@ -270,13 +275,14 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     # v1 against champion v2: better, promoted; its figures are tags on the version
     up = registry.promote(client, "medrega", GATES, 0.01, version=v1["version"])
     assert up["decision"] == "promoted" and up["previous_champion"] == v2["version"]
-    tags = client.get_model_version("medrega", v1["version"]).tags
-    assert tags["promotion.t2r.region_f1.champion"] == "0.1" and tags["promotion.t2r.region_f1.challenger"] == "0.3"
+    rows = {r["metric"]: r for r in json.loads(client.get_model_version("medrega", v1["version"]).tags["promotion.rows"])}
+    assert rows["t2r.region_f1"]["champion"] == 0.1 and rows["t2r.region_f1"]["challenger"] == 0.3
     # v2 against champion v1: refused, champion unchanged, the refusal recorded
     down = registry.promote(client, "medrega", GATES, 0.01, version=v2["version"])
     assert down["decision"] == "refused" and "t2r.region_f1" in down["reason"]
     assert client.get_model_version_by_alias("medrega", "champion").version == v1["version"]
-    assert client.get_model_version("medrega", v2["version"]).tags["promotion.t2r.region_f1.status"] == "regressed"
+    rows = {r["metric"]: r for r in json.loads(client.get_model_version("medrega", v2["version"]).tags["promotion.rows"])}
+    assert rows["t2r.region_f1"]["status"] == "regressed"
     # override needs a reason, which is recorded
     with pytest.raises(registry.PromotionError):
         registry.promote(client, "medrega", GATES, 0.01, version=v2["version"], override_reason=" ")
