@@ -82,7 +82,7 @@ def _remote_call(what: str, where: str, action):
 
 def _listing(odb, md5: str, url: str) -> dict[str, str]:
     """The `.dir` object `md5` as {relpath: md5}, after checking its own md5."""
-    where = odb.oid_to_path(md5)
+    where = odb.fs.unstrip_protocol(odb.oid_to_path(md5))
     data = _remote_call(f"checkpoint listing {md5} on the DVC remote {url}", where, lambda: odb.fs.cat_file(where))
     if hashlib.md5(data).hexdigest() + ".dir" != md5:
         raise WeightsError(f"checkpoint listing {md5} at {where}: content does not match its md5 (corrupt object)")
@@ -140,7 +140,7 @@ def reference(tune_out: Path, lock_file: Path = Path("dvc.lock"), repo: Path = P
     if not any(rel.startswith("model/") for rel in files):
         raise WeightsError(f"checkpoint {md5} ({tune_out}) has no model/ folder to load")
     absent = [rel for rel, h in files.items()
-              if not _remote_call(f"{rel} ({h})", odb.oid_to_path(h), lambda h=h: odb.exists(h))]
+              if not _remote_call(f"{rel} ({h})", public["url"], lambda h=h: odb.exists(h))]
     if absent:
         raise WeightsError(f"{len(absent)} file(s) of the tuned checkpoint are not on the DVC remote {public['url']} "
                            f"({', '.join(absent[:5])}): push them first (`dvc push tune`)")
@@ -167,7 +167,7 @@ def _remote_here(recorded: dict[str, Any]) -> dict[str, Any]:
 def _fetch_file(odb, rel: str, md5: str, target: Path) -> None:
     """One object into `target`, only once its md5 is right (a partial or wrong file never
     appears under the final name)."""
-    where = odb.oid_to_path(md5)
+    where = odb.fs.unstrip_protocol(odb.oid_to_path(md5))
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     os.close(fd)

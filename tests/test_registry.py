@@ -23,7 +23,7 @@ from PIL import Image
 
 from medrega.registry import Evidence, compare, measured_tags, version_evidence, version_metrics
 from model.pyfunc import BadInput, decode_image
-from tests.servers import free_port, stop, wait_http
+from tests.servers import FaultyProxy, free_port, stop, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -148,8 +148,10 @@ def test_dicom_is_read_without_identifiers(tmp_path):
 
 
 
-@pytest.fixture
-def s3(monkeypatch):
+# One S3 server and one MLflow server for the module (starting `mlflow server` is the slow part);
+# each test registers its own model name.
+@pytest.fixture(scope="module")
+def s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -158,20 +160,22 @@ def s3(monkeypatch):
     server.start()
     env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")
-    try:
-        yield env
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")
+        try:
+            yield env
+        finally:
+            server.stop()
 
 
-@pytest.fixture
-def mlflow_server(s3, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'registry.db'}",
+    log = root / "mlflow-server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'registry.db'}",
            "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     with log.open("w") as fh:
@@ -180,8 +184,9 @@ def mlflow_server(s3, tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", proc, 120, log)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", uri)
+            yield uri
     finally:
         stop(proc)
 
@@ -358,3 +363,47 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
         assert status == 200
     finally:
         stop(server)
+
+
+def test_a_registry_that_errors_fails_the_promotion_and_champion_stays(mlflow_server, tmp_path, monkeypatch):
+    """A registry that fails to answer must never read as "no such alias" (no champion yet: the
+    challenger would win outright): the promotion fails as Transient (exit 75)."""
+    import mlflow
+
+    from medrega import registry
+    from tests.conftest import tiny
+
+    name = "medrega-faulty-registry"  # the module's server is shared: a model of this test's own
+    client = mlflow.MlflowClient(mlflow_server)
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, f"s3://mlflow/artifacts/v{n}", tags={
+        **{f"metric.{gate}": str(f1) for gate in GATES[:3]}, **measured_tags(MEASURED)}).version  # t2r, r2t
+                for n, f1 in ((1, 0.3), (2, 0.5))]
+    client.set_registered_model_alias(name, "champion", versions[0])
+    client.set_registered_model_alias(name, "challenger", versions[1])
+    # the champion's alias lookup fails; everything else (the challenger's lookup first) is answered
+    proxy = FaultyProxy(mlflow_server, lambda method, path: "registered-models/alias" in path
+                        and "alias=champion" in path)
+    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_TRACKING_URI": proxy.url}.items():
+        monkeypatch.setenv(key, value)  # MLflow's own retries bounded: the failure shows at once
+    work = tmp_path / "work"
+    work.mkdir()
+    params = tiny({"register": {"model_name": name, "gate": {"metrics": GATES}}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params.as_dict()))
+    try:
+        for mode in ("drop", "503"):
+            proxy.mode = mode
+            with pytest.raises(registry.RegistryUnavailable, match="cannot read alias 'champion'"):
+                registry.promote(mlflow.MlflowClient(proxy.url), name, GATES, 0.01)
+        promoted = cli("promote", cwd=work)
+        assert promoted.returncode == 75, promoted.stdout[-2000:] + promoted.stderr[-3000:]
+        assert "cannot read alias 'champion'" in promoted.stderr
+        assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+        assert "promotion.decision" not in client.get_model_version(name, versions[1]).tags
+        # the same promotion through a registry that answers: the better challenger wins
+        proxy.mode = None
+        assert registry.promote(mlflow.MlflowClient(proxy.url), name, GATES, 0.01)["decision"] == "promoted"
+        assert client.get_model_version_by_alias(name, "champion").version == versions[1]
+    finally:
+        proxy.close()
