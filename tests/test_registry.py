@@ -102,6 +102,24 @@ def test_any_difference_in_how_figures_were_measured_is_named(changed, words):
     assert words in decision.reason
 
 
+def test_measured_on_hashes_test_items_by_content_not_place(tmp_path):
+    from medrega.config import EvaluateConfig
+    from tasks.evaluate import measured_on
+
+    def items(root: Path, pixels: bytes = b"\x89PNG one") -> list[dict]:
+        root.mkdir(exist_ok=True)
+        (root / "a.png").write_bytes(pixels)
+        return [{"id": "a-r2t", "task": "r2t", "question": "What is <box>[[1, 2, 3, 4]]</box>?",
+                 "ground_truth": "liver", "image": str(root / "a.png"), "width": 8, "height": 8, "lang": "en"}]
+
+    cfg = EvaluateConfig()
+    here = measured_on(items(tmp_path / "here"), cfg)
+    assert here["tasks"]["r2t"]["n"] == 1 and here["iou_threshold"] == 0.5 and here["protocol"] == "medrega"
+    assert measured_on(items(tmp_path / "moved"), cfg) == here  # the same split on another machine
+    assert measured_on(items(tmp_path / "other", b"\x89PNG two"), cfg)["tasks"]["r2t"]["items"] != \
+        here["tasks"]["r2t"]["items"]  # same text, other pixels: another test set
+
+
 def test_version_metrics_reads_tags():
     tags = {"metric.t2r.region_f1": "0.25", "metric.t2r.n": "40", "git_commit": "abc", "metric.bad": "x"}
     assert version_metrics(tags) == {"t2r.region_f1": 0.25, "t2r.n": 40.0}
