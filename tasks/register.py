@@ -258,10 +258,11 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
         )
         client = mlflow.MlflowClient()
         version = str(info.registered_model_version)
-        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
         client.update_model_version(cfg.model_name, version, description=card)
         for key, value in version_tags(lineage, metrics, list(cfg.gate.metrics), measured).items():
             client.set_model_version_tag(cfg.model_name, version, key, str(value))
+        # the alias last: a challenger never stands without the evidence the gate reads
+        client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
         result = {"model_name": cfg.model_name, "version": version, "alias": cfg.alias,
                   "uri": f"models:/{cfg.model_name}@{cfg.alias}", "run_id": run.info.run_id,
                   "weights": cfg.weights, "tracking_uri": tracking.tracking_uri()}
