@@ -190,6 +190,9 @@ def fetch(ref: dict[str, Any], cache: Path | None = None) -> Path:
     wanted = {rel: h for rel, h in ref["files"].items() if rel.startswith(load + "/")}
     if not wanted:
         raise WeightsError(f"weights reference: no {load}/ files recorded")
+    for rel in wanted:  # a record naming ../ or an absolute path must not write outside the cache
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise WeightsError(f"weights reference: {rel!r} is not a path inside the checkpoint")
     remote = _remote_here(ref["remote"])
     odb = _odb(remote)
     listing = _listing(odb, md5, remote["url"])
