@@ -383,6 +383,7 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
         stop(server)
 
 
+@pytest.mark.slow  # a real MLflow server and `medrega promote` (Prefect's ephemeral server): about a minute
 def test_a_registry_that_errors_fails_the_promotion_and_champion_stays(mlflow_server, tmp_path, monkeypatch):
     """A registry that fails to answer must never read as "no such alias" (no champion yet: the
     challenger would win outright): the promotion fails as Transient (exit 75)."""
