@@ -119,8 +119,8 @@ def run_stage(stage: str, cfg: Config, env: dict[str, str]) -> dict[str, Any]:
 # S3 hiccups are the usual failure here: back off and retry (jittered, so two workspaces
 # pushing to one bucket do not retry in step)
 @task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
-def dvc_push() -> str:
-    out = dvc("push")
+def dvc_push(targets: tuple[str, ...] = ()) -> str:
+    out = dvc("push", *targets)
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
 
 
@@ -174,6 +174,10 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
         mlflow.set_tags({"medrega.profile": cfg.profile, "prefect.flow_run_id": env.get("MEDREGA_FLOW_RUN_ID", "")})
         env[tracking.PARENT_ENV] = parent.info.run_id
         for stage in STAGES:
+            if stage == "register" and cfg.register_.weights == "reference" and push:
+                # a version by reference points at the tuned checkpoint on the remote: it must be
+                # there before register checks it (the full push waits for the end of the run)
+                push_checkpoint()
             try:
                 results[stage] = run_stage(stage, cfg, env)
             except StageFailed as err:
@@ -193,6 +197,15 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
     logger.info("pipeline finished; summary in the 'medrega-pipeline' artifact")
     print(report)
     return results
+
+
+def push_checkpoint() -> None:
+    try:
+        dvc_push(("tune",))
+    except Exception as err:  # noqa: BLE001 - retries are spent
+        why = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln), str(err) or repr(err))
+        raise PipelineFailed("push", f"{why} -- register.weights=reference needs the tuned checkpoint on the "
+                             "DVC remote before the version is registered") from err
 
 
 def final_report(cfg: Config, results: dict[str, Any], pushed: str) -> str:

@@ -290,6 +290,8 @@ class EvaluateConfig(Section):
 
 class GateConfig(Section):
     tolerance: float = Field(0.02, ge=0.0)
+    # `<task>.<figure>` or `<task>.<lang>.<figure>`, score figures only (higher is better); checked
+    # against what evaluation produces (medrega.metrics.figures) when params load
     metrics: list[str] = []
 
 
@@ -298,7 +300,10 @@ class RegisterConfig(Section):
     model_name: str = "medrega"
     alias: str = "challenger"
     champion_alias: str = "champion"
-    weights: Literal["merged", "adapter"] = "merged"
+    # merged: one full checkpoint copied into the MLflow model; adapter: base weights + LoRA
+    # adapter copied in; reference: no copy, the version records the tuned checkpoint's DVC remote
+    # and content hashes, and loading fetches and verifies them (checkpoints too big to store twice)
+    weights: Literal["merged", "adapter", "reference"] = "merged"
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
@@ -384,7 +389,33 @@ class Config(Section):
                                  f"({', '.join(sorted(built))})")
         if self.register_.weights == "adapter" and self.tune.mode != "lora":
             raise ValueError("register.weights 'adapter' needs tune.mode 'lora'")
+        self._gate_figures()
         return self
+
+    def _gate_figures(self) -> None:
+        """Each gate name must be a score figure evaluation produces for the evaluated tasks and
+        languages (medrega.metrics.figures, the table the scorer checks itself against): a
+        misspelt gate would read "not measured" on every version and protect nothing."""
+        import difflib
+
+        from medrega.metrics.figures import gate_names
+
+        tasks = self.evaluate.tasks or self.materialize.tasks
+        known = gate_names(tasks, self.materialize.langs)
+        everything = [name for names in known.values() for name in names]
+        for i, name in enumerate(self.register_.gate.metrics):
+            if name in everything:
+                continue
+            task = name.split(".")[0]
+            if task not in known:
+                why = f"task {task!r} is not evaluated (evaluated: {', '.join(tasks)})"
+            else:
+                alike = [n for n in known[task] if n.count(".") == name.count(".")]
+                close = difflib.get_close_matches(name, alike, n=3, cutoff=0.6)
+                why = ("evaluation produces no such figure" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                       + f"; {task} figures: {', '.join(n for n in known[task] if n.count('.') == 1)}, "
+                       f"each also as {task}.<lang>.<figure> for {', '.join(self.materialize.langs)}")
+            raise ValueError(f"register.gate.metrics[{i}]: {name!r}: {why}")
 
     def section(self, name: str) -> Section:
         return getattr(self, name + "_" if name in ("validate", "register") else name)

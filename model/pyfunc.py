@@ -4,8 +4,10 @@ Logged with this `model` package as code, so `mlflow.pyfunc.load_model(...)` nee
 installed libraries, not the pipeline. Input rows: `image` (base64 PNG/JPEG, optionally as a
 `data:` URL), `question`, optional `task` (picks the base prompt the model was tuned with).
 
-Weights come in one of two layouts (params `register.weights`): `merged` (artifact `model`,
-a full checkpoint) or `adapter` (artifacts `base` + `adapter`, merged in memory at load time).
+Weights come in one of three layouts (params `register.weights`): `merged` (artifact `model`,
+a full checkpoint), `adapter` (artifacts `base` + `adapter`, merged in memory at load time) or
+`reference` (artifact `weights_ref`: where the tuned checkpoint is on the DVC remote and its
+hashes; `medrega.weights.fetch` fetches and verifies it before anything is built from it).
 
 Bad input raises MlflowException(INVALID_PARAMETER_VALUE): MLflow's scoring server and ours
 (`model.serve`) turn that into an HTTP 400 carrying our message. The bounds are `model.limits`;
@@ -89,9 +91,14 @@ def reserved_pattern(tokenizer) -> re.Pattern:
 
 
 def load_generator(artifacts: dict[str, str]):
-    """A Generator from either weight layout."""
+    """A Generator from any of the weight layouts."""
     from model.infer import Generator
 
+    if "weights_ref" in artifacts:
+        from medrega import weights
+
+        reference = json.loads(Path(artifacts["weights_ref"]).read_text(encoding="utf-8"))
+        return Generator.from_pretrained(weights.fetch(reference))
     if "adapter" in artifacts:
         from peft import PeftModel
         from transformers import InternVLForConditionalGeneration
