@@ -77,12 +77,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
     return rows
 
 
-def dvc_repro(stage: str, env: dict[str, str]) -> None:
+def dvc_repro(stage: str, env: dict[str, str], force: bool = False) -> None:
     """`dvc repro --single-item <stage>`, its output streamed live; a failure says which kind
     of failure from the file the stage command wrote (medrega.errors), not from DVC's text."""
     errors.clear_failure(stage)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", *(["--force"] if force else []), stage]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -98,11 +98,17 @@ def dvc_repro(stage: str, env: dict[str, str]) -> None:
 def run_stage(stage: str, cfg: Config, env: dict[str, str]) -> dict[str, Any]:
     logger = get_run_logger()
     skipped = stage_up_to_date(stage)
-    if skipped:
+    result = stages.read_result(cfg, stage)
+    # an applied DVC experiment's register output says "not registered" (tasks/register.py): up to
+    # date for DVC, but this run is where its model gets registered
+    force = skipped and stage == "register" and result is not None and result.summary.get("registered") is False
+    if skipped and not force:
         logger.info("%s: up to date (DVC), skipped", stage)
     else:
-        logger.info("%s: running `dvc repro --single-item %s`", stage, stage)
-        dvc_repro(stage, env)
+        logger.info("%s: running `dvc repro --single-item %s`%s", stage, stage,
+                    " --force: not registered yet" if force else "")
+        dvc_repro(stage, env, force=force)
+        skipped = False
     result = stages.read_result(cfg, stage)
     summary = result.summary if result else {}
     rows = _flat(summary)[:200]
@@ -150,9 +156,9 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
 
     logger = get_run_logger()
     cfg = config_mod.resolve(params_file, profile)
-    # dvc.yaml's commands (`medrega ...`) must resolve to this environment's console script
+    # dvc.yaml's commands (scripts/medrega) run this interpreter, and `dvc` finds its own
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, MEDREGA_PROFILE=cfg.profile, PYTHONUNBUFFERED="1",
+    env = dict(os.environ, MEDREGA_PROFILE=cfg.profile, PYTHONUNBUFFERED="1", MEDREGA_PYTHON=sys.executable,
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     try:
         from prefect.runtime import flow_run

@@ -304,6 +304,9 @@ class RegisterConfig(Section):
     # adapter copied in; reference: no copy, the version records the tuned checkpoint's DVC remote
     # and content hashes, and loading fetches and verifies them (checkpoints too big to store twice)
     weights: Literal["merged", "adapter", "reference"] = "merged"
+    # inside `dvc exp run` register records "not registered" instead of creating a version and
+    # moving `alias` (an 8-sample experiment must not become the challenger); true to register them
+    in_experiments: bool = False
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")

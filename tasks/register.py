@@ -26,9 +26,9 @@ import pandas as pd
 import yaml
 from PIL import Image
 
-from medrega import io, registry, tracking
+from medrega import experiments, io, registry, tracking
 from medrega import weights as weights_mod
-from medrega.config import Config
+from medrega.config import Config, RegisterConfig
 from medrega.errors import BadInput
 from medrega.grammar import BASE_PROMPTS
 from medrega.metrics import figures
@@ -235,6 +235,16 @@ def requirements(reference: dict[str, Any] | None) -> list[str]:
     return reqs
 
 
+def not_registered(cfg: RegisterConfig, exp: experiments.Experiment, out_dir: Path) -> dict[str, Any]:
+    """Inside a DVC experiment (unless register.in_experiments): no version, `alias` where it
+    was; the experiment's figures are in its evaluate run (tagged dvc.exp_name). The output says
+    so, for `dvc exp show` and for the flow, which registers an applied experiment's model."""
+    result = {"registered": False, "model_name": cfg.model_name, "experiment": exp.name,
+              "reason": f"inside DVC experiment {exp.name!r} (register.in_experiments is false)"}
+    io.write_json(Path(out_dir) / "registered.json", result)
+    return result
+
+
 def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
              example_image: Path | None = None, adapter_dir: Path | None = None,
              base_dir: Path | None = None, instructions_dir: Path | None = None) -> dict[str, Any]:
@@ -243,8 +253,11 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
     from model.pyfunc import MedRegAModel
 
     cfg = config.register_
-    metrics, measured = flat_metrics(eval_dir), measured_on(eval_dir)
     out_dir = Path(out_dir)
+    exp = experiments.current()
+    if exp is not None and not cfg.in_experiments:
+        return not_registered(cfg, exp, out_dir)
+    metrics, measured = flat_metrics(eval_dir), measured_on(eval_dir)
     staging = out_dir / "staging"
     prompts: dict[str, Any] = {task: dict(langs) for task, langs in BASE_PROMPTS.items()}
     prompts["_max_new_tokens"] = config.evaluate.max_new_tokens
@@ -255,7 +268,8 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
     with tracking.stage_run("register", {"register": cfg}) as run:
         lineage = {"git_commit": git_commit(), "prefect_flow_run_id": os.environ.get("MEDREGA_FLOW_RUN_ID", ""),
                    "profile": config.profile, "weights": cfg.weights, **lineage_hashes(config),
-                   "params.tune.mode": config.tune.mode, "params.model.preset": config.model.preset}
+                   "params.tune.mode": config.tune.mode, "params.model.preset": config.model.preset,
+                   **(exp.tags() if exp else {})}
         if reference:
             lineage["weights.remote"] = reference["remote"]["url"]
         mlflow.set_tags(lineage)
@@ -289,7 +303,7 @@ def register(model_dir: Path, eval_dir: Path, out_dir: Path, config: Config,
             client.set_model_version_tag(cfg.model_name, version, key, str(value))
         # the alias last: a challenger never stands without the evidence the gate reads
         client.set_registered_model_alias(cfg.model_name, cfg.alias, version)
-        result = {"model_name": cfg.model_name, "version": version, "alias": cfg.alias,
+        result = {"registered": True, "model_name": cfg.model_name, "version": version, "alias": cfg.alias,
                   "uri": f"models:/{cfg.model_name}@{cfg.alias}", "run_id": run.info.run_id,
                   "weights": cfg.weights, "tracking_uri": tracking.tracking_uri()}
         if reference:
