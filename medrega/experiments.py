@@ -131,6 +131,13 @@ def restore_workspace(root: Path, name: str, failed_stage: str | None = None) ->
         (keep / rel).parent.mkdir(parents=True, exist_ok=True)
         (keep / rel).write_bytes(content)
 
+    if failed_stage:  # first: a git-tracked output (cache: false) is then restored like any tracked file
+        for out in _stage_outputs(root, failed_stage):
+            if out.exists():
+                target = keep / "outputs" / out.relative_to(root)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.move(str(out), str(target))
+                done.append(f"{out.relative_to(root)}: what the failed stage left is in {target.relative_to(root)}")
     for rel in PARAMS_FILES:
         now, before = _read(root / rel), _blob(root, baseline, rel)
         if now != before:
@@ -146,13 +153,6 @@ def restore_workspace(root: Path, name: str, failed_stage: str | None = None) ->
                 save(rel, now)  # names the outputs of the stages that passed (in the DVC cache)
             _put(root / rel, before)
             done.append(f"{rel}: as at the experiment's start")
-    if failed_stage:
-        for out in _stage_outputs(root, failed_stage):
-            if out.exists():
-                target = keep / "outputs" / out.relative_to(root)
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.move(str(out), str(target))
-                done.append(f"{out.relative_to(root)}: what the failed stage left is in {target.relative_to(root)}")
     checkout = subprocess.run([str(Path(sys.executable).with_name("dvc")), "checkout", "--force"], cwd=root,
                               capture_output=True, text=True)
     if checkout.returncode != 0:
