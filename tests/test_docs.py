@@ -24,6 +24,7 @@ from tests.conftest import REPO
 README = REPO / "README.md"
 PROGRAMS = ("medrega", "dvc", "make")
 SEPARATORS = {"&&", "||", ";", "|", "&"}
+PLACEHOLDERS = {"...", "…"}  # `medrega ...`: any command; what follows is not checked
 
 
 def _segments(line: str) -> list[list[str]]:
@@ -102,6 +103,7 @@ def _medrega_errors(args: list[str]) -> list[str]:
     from cli import app
 
     command, path, rest = typer.main.get_command(app), [], list(args)
+    rest = rest[:next((i for i, t in enumerate(rest) if t in PLACEHOLDERS), len(rest))]
     while rest and hasattr(command, "list_commands") and not rest[0].startswith("-"):
         sub = command.get_command(command.context_class(command), rest[0])
         if sub is None:
@@ -125,6 +127,7 @@ def _dvc_errors(args: list[str]) -> list[str]:
     from dvc.cli.parser import get_main_parser
 
     parser, path, rest = get_main_parser(), [], list(args)
+    rest = rest[:next((i for i, t in enumerate(rest) if t in PLACEHOLDERS), len(rest))]
     while rest and rest[0] in _subparsers(parser):
         parser, path, rest = _subparsers(parser)[rest[0]], path + [rest[0]], rest[1:]
     if rest and _subparsers(parser) and not rest[0].startswith("-"):
@@ -207,9 +210,9 @@ def readme_params_keys(text: str) -> list[str]:
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     spans = re.findall(r"`([^`\n]+)`", prose)
     keys = [m.group(1) for span in spans if (m := re.fullmatch(rf"((?:{'|'.join(SECTIONS)})(?:\.\w+)+)(?:\s*[:=].*)?", span))]
-    for program, args, _ in readme_commands(text):
-        if program == "dvc":
-            keys += [a.split("=", 1)[0].split(":")[-1] for prev, a in zip(args, args[1:]) if prev in ("-S", "--set-param")]
+    # `dvc exp run -S evaluate.x=8`, `-S +register.y=true`, `-S params.yaml:tune.z=1`, in code or prose
+    sets = re.findall(r"(?:-S|--set-param)[ =]\+?(?:[\w.-]+:)?([A-Za-z_][\w.]*)=", text)
+    keys += [k for k in sets if k.split(".")[0] in SECTIONS]
     return [k for k in keys if not (REPO / k).exists() and not _is_module(k)]
 
 
@@ -250,12 +253,12 @@ def _lookup(params: dict, dotted: str):
 
 
 def test_what_the_readme_calls_cache_false_is_cache_false_in_dvc_yaml():
-    # a paragraph that says `cache: false` names the files it means
+    # a sentence that says `cache: false` names the files it means
     uncached = _uncached_outputs()
     claims = []
-    for paragraph in re.split(r"\n\s*\n", README.read_text(encoding="utf-8")):
-        if "cache: false" in paragraph:
-            claims += [p for p in re.findall(r"`([\w./-]+\.\w+)`", paragraph)
+    for sentence in re.split(r"(?<=[.!?:;])\s+", README.read_text(encoding="utf-8")):
+        if "cache: false" in sentence:
+            claims += [p for p in re.findall(r"`([\w./-]+\.\w+)`", sentence)
                        if "/" in p or p.startswith("params.")]
     assert [c for c in claims if c not in uncached and c not in ("dvc.lock", "data.dvc")] == []
     assert "params.resolved.yaml" in uncached
