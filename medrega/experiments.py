@@ -121,6 +121,10 @@ def restore_workspace(root: Path, name: str, failed_stage: str | None = None) ->
     root = Path(root).resolve()
     start = _git(root, "rev-parse", "--verify", EXEC_MERGE).stdout.decode().strip()
     baseline = _git(root, "rev-parse", "--verify", EXEC_HEAD).stdout.decode().strip()
+    if _blob(root, start, "dvc.lock") is None and (root / "dvc.lock").exists():
+        # untracked: what it said before the experiment's stages rewrote it is known nowhere
+        raise RestoreError("dvc.lock is not committed, so nothing records the workspace before the experiment; "
+                           "commit dvc.lock before `dvc exp run`")
     keep = _keep_dir(root, name)
     done: list[str] = []
     # before anything is written: tracked files that differ from the experiment's start now
