@@ -138,3 +138,17 @@ def test_the_committed_resolved_config_is_what_resolve_writes(tmp_path, monkeypa
     fresh = write_resolved(resolve(REPO / "params.yaml"), tmp_path / "params.resolved.yaml")
     assert (REPO / "params.resolved.yaml").read_text(encoding="utf-8") == fresh.read_text(encoding="utf-8"), \
         "params.resolved.yaml is stale: run `medrega config resolve` and commit it"
+
+
+def test_a_stage_knows_its_dvc_experiment_and_whether_it_runs_in_the_workspace(tmp_path):
+    from medrega.experiments import current
+
+    root = tmp_path / "repo"
+    copy = root / ".dvc" / "tmp" / "exps" / "tmpab12"
+    env = {"DVC_EXP_NAME": "lr-1e-4", "DVC_EXP_BASELINE_REV": "abc123", "DVC_ROOT": str(root)}
+    assert current({}, cwd=root) is None  # `dvc repro`, the flow, a shell
+    here = current(env, cwd=root)
+    assert here.in_workspace and here.root == root.resolve()
+    assert here.tags() == {"dvc.exp_name": "lr-1e-4", "dvc.exp_baseline_rev": "abc123"}
+    queued = current(env, cwd=copy)  # DVC_ROOT names the repository, the copy runs the stage
+    assert not queued.in_workspace and queued.root == root.resolve()

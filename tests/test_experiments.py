@@ -138,7 +138,8 @@ def test_exp_run_without_path_reruns_resolve_evaluate_register_and_registers_not
     assert runs["tags"]["mlflow.experimentKind"] == "custom_model_development"
     evaluate = runs["evaluate"]
     assert evaluate.info.status == "FINISHED" and evaluate.info.run_name == "evaluate (short-answers)"
-    assert evaluate.data.params["evaluate.max_new_tokens"] == "2" and "t2r/n" in evaluate.data.metrics
+    logged = {k.rsplit(".", 1)[-1]: v for k, v in evaluate.data.params.items()}
+    assert logged["max_new_tokens"] == "2" and "t2r/n" in evaluate.data.metrics
 
     data = shown(ws, "short-answers")
     assert data["params"]["params.yaml"]["data"]["evaluate"]["max_new_tokens"] == 2
