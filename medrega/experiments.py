@@ -71,7 +71,7 @@ def current(environ: dict[str, str] | None = None, cwd: Path | None = None) -> E
 
 
 def _git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["git", *args], cwd=root, capture_output=True)
+    proc = subprocess.run(["git", *args], cwd=root, capture_output=True, check=False)
     if check and proc.returncode != 0:
         raise RestoreError(f"git {' '.join(args)}: {proc.stderr.decode(errors='replace').strip()}")
     return proc
@@ -158,7 +158,7 @@ def restore_workspace(root: Path, name: str, failed_stage: str | None = None) ->
             _put(root / rel, before)
             done.append(f"{rel}: as at the experiment's start")
     checkout = subprocess.run([str(Path(sys.executable).with_name("dvc")), "checkout", "--force"], cwd=root,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, check=False)
     if checkout.returncode != 0:
         raise RestoreError(f"dvc checkout --force: {(checkout.stderr or checkout.stdout).strip()}"
                            f" (done so far: {'; '.join(done) or 'nothing'})")

@@ -2,7 +2,8 @@
 command it shows (code blocks, with the flags their comments name, and inline code) exists with
 those flags; every params key it names (`tune.launcher.kind`, `-S evaluate.x=...`) is in the
 schema; what it calls `cache: false` is `cache: false` in dvc.yaml. Behaviour the README states
-(exit codes, caching, dvc.lock) is tested where it happens: tests/test_experiments.py."""
+(exit codes, dvc.lock in git, experiments) is tested where it happens: tests/test_entry_points.py,
+tests/test_experiments.py, tests/test_experiment_restore.py."""
 from __future__ import annotations
 
 import argparse
@@ -10,13 +11,9 @@ import functools
 import importlib.util
 import re
 import shlex
-import subprocess
-import sys
-import types
 import typing
 from pathlib import Path
 
-import pytest
 import yaml
 
 from tests.conftest import REPO
@@ -63,7 +60,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str], str]]:
     """(program, args, where) for every command the README shows. In code blocks a comment's
     `--flags` belong to the command on its line (`medrega status  # --json for tools`)."""
     found = []
-    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M):
+    for block in re.findall(r"^```[^\n]*\n(.*?)^```", text, re.DOTALL | re.MULTILINE):
         for line in block.replace("\\\n", " ").splitlines():
             comment_at = re.search(r"(^|\s)#(\s|$)", line)
             code = line[:comment_at.start()] if comment_at else line
@@ -75,7 +72,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str], str]]:
                     found.append((hit[0], hit[1] + extra, line.strip()))
             found += [(*hit, line.strip()) for span in re.findall(r"`([^`]+)`", comment)
                       for seg in _segments(span) if (hit := _program(seg))]
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
     for span in re.findall(r"`([^`\n]+)`", prose):
         for seg in _segments(span):
             hit = _program(seg)
@@ -86,7 +83,7 @@ def readme_commands(text: str) -> list[tuple[str, list[str], str]]:
 
 # -- what each program accepts -------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _help_exit(path: tuple[str, ...]) -> tuple[int, str]:
     from typer.testing import CliRunner
 
@@ -140,7 +137,7 @@ def _dvc_errors(args: list[str]) -> list[str]:
 def _make_errors(args: list[str]) -> list[str]:
     """Targets must be Makefile rules; VAR=value must name a variable the Makefile uses."""
     makefile = (REPO / "Makefile").read_text()
-    rules = {t for line in re.findall(r"^([^\s#:=][^:=]*):(?!=)", makefile, re.M) for t in line.split()}
+    rules = {t for line in re.findall(r"^([^\s#:=][^:=]*):(?!=)", makefile, re.MULTILINE) for t in line.split()}
     errors = []
     for arg in args:
         if "=" in arg:
@@ -207,7 +204,7 @@ def readme_params_keys(text: str) -> list[str]:
     and the keys of `dvc exp run -S key=value`. Files (`data.dvc`) and modules are not keys."""
     from medrega.config import SECTIONS
 
-    prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    prose = re.sub(r"^```.*?^```", "", text, flags=re.DOTALL | re.MULTILINE)
     spans = re.findall(r"`([^`\n]+)`", prose)
     keys = [m.group(1) for span in spans if (m := re.fullmatch(rf"((?:{'|'.join(SECTIONS)})(?:\.\w+)+)(?:\s*[:=].*)?", span))]
     # `dvc exp run -S evaluate.x=8`, `-S +register.y=true`, `-S params.yaml:tune.z=1`, in code or prose

@@ -47,7 +47,7 @@ def checkout(tmp_path: Path) -> Path:
 
 def _launch(root: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([str(root / "scripts" / "medrega"), *args], cwd=root, env=_clean_env(**env),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
 
 
 def test_the_launcher_prefers_medrega_python_then_the_checkouts_venv_then_dvc_root_then_an_active_env(
@@ -93,8 +93,8 @@ def test_the_cli_sets_the_projects_prefect_home_and_turns_telemetry_off(tmp_path
             "HF_HUB_OFFLINE", "GX_ANALYTICS_ENABLED")
     env = {k: v for k, v in _clean_env(HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO)).items() if k not in keys}
     probe = ("import json, os, cli; from prefect.settings import get_current_settings as s; "
-             "print(json.dumps({'env': {k: os.environ.get(k) for k in %r}, 'home': str(s().home)}))" % (keys,))
-    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True)
+             f"print(json.dumps({{'env': {{k: os.environ.get(k) for k in {keys!r}}}, 'home': str(s().home)}}))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert out.returncode == 0, out.stderr[-2000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
     assert seen["home"] == str(tmp_path / ".prefect")  # Prefect itself reads the project's home
@@ -106,7 +106,7 @@ def test_the_cli_sets_the_projects_prefect_home_and_turns_telemetry_off(tmp_path
 def test_bad_input_exits_3_from_medrega_pipeline_and_make_says_error_3(tmp_path):
     env = _clean_env(PYTHONPATH=str(REPO), MEDREGA_PROFILE="no-such-profile")
     direct = subprocess.run([str(BIN / "medrega"), "pipeline", "--params", str(REPO / "params.yaml")],
-                            cwd=tmp_path, env=env, capture_output=True, text=True)
+                            cwd=tmp_path, env=env, capture_output=True, text=True, check=False)
     assert direct.returncode == 3, direct.stderr[-2000:]
     assert "stage 'config' failed" in direct.stderr and "no-such-profile" in direct.stderr
     # `make pipeline`: make ends every failed recipe with its own status 2 and names the command's
@@ -115,14 +115,14 @@ def test_bad_input_exits_3_from_medrega_pipeline_and_make_says_error_3(tmp_path)
     (tmp_path / ".venv").symlink_to(BIN.parent)
     # -o: never reinstall into the shared environment, whatever the copies' times
     made = subprocess.run(["make", "-o", ".venv/.installed", "pipeline"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     assert made.returncode == 2, made.stdout[-2000:] + made.stderr[-2000:]
     assert "Error 3" in made.stderr and "stage 'config' failed" in made.stderr
 
 
 def test_dvc_lock_params_resolved_and_data_dvc_are_for_git_outputs_are_not():
     def ignored(path: str) -> bool:
-        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO).returncode == 0
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=REPO, check=False).returncode == 0
 
     # DVC records every stage's inputs and outputs in dvc.lock; experiments and a fresh clone's
     # `dvc pull` start from the committed one

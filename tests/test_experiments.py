@@ -43,7 +43,7 @@ def plain_env(ws: Path, path: tuple[str, ...] = ()) -> dict[str, str]:
 
 
 def sh(ws: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), cwd=ws, env=env or plain_env(ws), capture_output=True, text=True)
+    proc = subprocess.run(list(cmd), cwd=ws, env=env or plain_env(ws), capture_output=True, text=True, check=False)
     if check:
         assert proc.returncode == 0, f"{' '.join(cmd)}: {proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     return proc
@@ -235,7 +235,7 @@ def test_the_pipeline_registers_an_applied_experiment_and_keeps_prefect_in_the_p
     env.pop("PREFECT_HOME")
     env["HOME"] = str(tmp_path / "home")
     run = sh(ws, str(ws / ".venv" / "bin" / "medrega"), "pipeline", "--no-push", env=env)
-    rows = dict(re.findall(r"^\|\s*(\w+)\s*\|\s*([^|]+?)\s*\|$", run.stdout, re.M))
+    rows = dict(re.findall(r"^\|\s*(\w+)\s*\|\s*([^|]+?)\s*\|$", run.stdout, re.MULTILINE))
     assert rows.pop("register") == "ran" and set(rows.values()) == {"up to date (skipped)"}, rows
     after, challenger = registry(ws)
     assert len(after) == len(versions) + 1 and challenger == after[-1]
