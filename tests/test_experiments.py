@@ -27,7 +27,8 @@ LEAN = {
     "materialize": {"tasks": ["caption", "r2t", "t2r"]},
     "align": {"max_steps": 1, "save_steps": 1},
     "tune": {"max_steps": 1, "save_steps": 1, "deepspeed": None, "launcher": {"nproc_per_node": 1}},
-    "evaluate": {"tasks": ["t2r"], "max_samples_per_task": 2, "max_new_tokens": 4, "gallery": 1},
+    "evaluate": {"tasks": ["r2t", "t2r"], "max_samples_per_task": 2, "max_new_tokens": 4, "gallery": 1},
+    "register": {"gate": {"metrics": ["t2r.region_f1", "r2t.accuracy"]}},  # figures of what is evaluated
 }
 EVAL_OUTS = ("answers.jsonl", "breakdown.json", "metrics.json", "report.html", "result.json")
 
