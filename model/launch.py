@@ -67,6 +67,9 @@ def local_nodes(launcher: LauncherConfig, args: list[str], port: int | None = No
     if launcher.nnodes == 1:
         return [Node(0, "127.0.0.1", "standalone",
                      [*run, "--standalone", f"--nproc-per-node={launcher.nproc_per_node}", *args])]
+    if launcher.nnodes > 9:  # the rendezvous compares addresses as text: 127.0.0.10 < 127.0.0.2
+        raise BadInput(f"tune.launcher.nnodes {launcher.nnodes}: a local rehearsal runs at most 9 nodes "
+                       "(127.0.0.1 to 127.0.0.9); use kind: slurm for more")
     endpoint = f"127.0.0.1:{port or free_port()}"
     rdzv_id = rdzv_id or f"medrega-{os.getpid()}-{int(time.time())}"
     nodes = []
@@ -180,11 +183,11 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 # a raised error's last line; srun --label puts "3: " and torchrun "[rank3]: " before it
-_RAISED = re.compile(r"^(?:\s*\d+: )?(?:\[rank\d+\]:\s*)?(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Failed|Refused|Input|Busy))"
-                     r"(?:: (?P<msg>.+)|\s*)$")
+_RAISED = re.compile(r"^(?:\s*\d+: )?(?:\[rank\d+\]:\s*)?"
+                     r"(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Failed|Refused|Input|Busy))(?:: (?P<msg>.+)|\s*)$")
 # what a rank or agent raises when the network between nodes, not the training, is at fault
 _BACKEND = re.compile(r"Dist(?:Network|Backend|Store)Error|gloo|nccl|ProcessGroup|Connection (?:closed|reset) by peer|"
-                      r"Connection refused|Broken pipe|timed out|timeout", re.I)
+                      r"Connection refused|Broken pipe|timed out|timeout", re.IGNORECASE)
 
 
 class RendezvousFailed(Transient):
@@ -201,7 +204,8 @@ def failure_diagnosis(failed: list[tuple[Node, str, str]], nnodes: int, log_file
     node, err = next(((n, e) for n, e in verdicts if isinstance(e, BadInput)), verdicts[0])
     others = [f"node {n.index}: {what}" for n, what, _ in failed if n.index != node.index]
     if others:
-        err.args = (f"{err.args[0]}\n(also failed, after node {node.index} or for the same cause: {'; '.join(others)})",)
+        err.args = (f"{err.args[0]}\n(also failed, after node {node.index} or for the same cause: "
+                    f"{'; '.join(others)})",)
     return err
 
 
@@ -308,8 +312,8 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
         f"export MASTER_PORT={launcher.port}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
         # read back by the launcher's diagnosis: node k of the `--label`ed lines is the k-th name
-        'echo "medrega: nodes $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd " ") '
-        'rendezvous $head_addr:$MASTER_PORT"',
+        ('echo "medrega: nodes $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd " ") '
+         'rendezvous $head_addr:$MASTER_PORT"'),
     ]
     if cpu_only:
         lines.append("export DS_ACCELERATOR=cpu")

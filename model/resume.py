@@ -131,13 +131,14 @@ def to_universal(checkpoint: Path, saved: Layout, world_size: int) -> None:
     from deepspeed.checkpoint import ds_to_universal
 
     # One worker: the converter's process pool would fork this process, which holds the process
-    # group's threads.
+    # group's threads. inject_missing_state: ZeRO-1/2 conversion wants the model-parallel layout
+    # Megatron-DeepSpeed records; a model without tensor or pipeline parallelism has none to record.
     args = argparse.Namespace(input_folder=str(checkpoint / tag), output_folder=str(work / target.name),
                               num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
-                              inject_missing_state=False)
+                              inject_missing_state=True)
     try:
         ds_to_universal.main(args)
-    except Exception as err:  # noqa: BLE001 - any failure of the converter means: cannot resume here
+    except Exception as err:  # any failure of the converter means: cannot resume here
         shutil.rmtree(work, ignore_errors=True)
         raise ResumeRefused(
             f"{checkpoint} ({saved.describe()}) could not be converted to DeepSpeed's universal form to resume "

@@ -88,11 +88,14 @@ def deepspeed_config(ds: DeepSpeedConfig) -> dict[str, Any]:
         "overlap_comm": False,
         "contiguous_gradients": True,
         "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto",
-        # One consolidated 16-bit state dict on save, so the output loads without DeepSpeed.
-        "stage3_gather_16bit_weights_on_model_save": True,
     }
+    if ds.zero_stage == 3:  # the Trainer fills these "auto"s for ZeRO-3 only; left "auto" they fail
+        zero.update({
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            # One consolidated 16-bit state dict on save, so the output loads without DeepSpeed.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params and ds.zero_stage == 3:
