@@ -244,7 +244,8 @@ def node_diagnosis(node: Node, what: str, text: str, log_file: Path, launcher: L
 
 def _bad_input(raised: list[re.Match]) -> BadInput | None:
     """A rank that stopped on bad input (any medrega BadInput, e.g. DataError, ConfigError,
-    ResumeRefused) stays bad input, so it is not retried."""
+    ResumeRefused) stays bad input, so it is not retried: raised here as its own class where
+    that takes the message alone, else as BadInput."""
     import importlib
 
     for m in raised:
@@ -254,7 +255,12 @@ def _bad_input(raised: list[re.Match]) -> BadInput | None:
         except (ImportError, AttributeError):
             cls = None
         if isinstance(cls, type) and issubclass(cls, BadInput):
-            return BadInput(m["msg"] or m["cls"])
+            try:
+                err = cls(m["msg"] or m["cls"])
+            except Exception:  # a class built from something else (PlanDoesNotFit takes a plan)
+                err = None
+            return err if isinstance(err, BadInput) and str(err) == (m["msg"] or m["cls"]) \
+                else BadInput(m["msg"] or m["cls"])
     return None
 
 
