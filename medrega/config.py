@@ -230,6 +230,8 @@ class DeepSpeedConfig(Section):
 
 
 class LauncherConfig(Section):
+    # local: torchrun on this machine; with nnodes > 1, one torchrun per "node" on loopback
+    # addresses (127.0.0.1, 127.0.0.2, ...), a rehearsal of a multi-node run. slurm: sbatch.
     kind: Literal["local", "slurm"] = "local"
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
@@ -244,6 +246,17 @@ class LauncherConfig(Section):
     python: str | None = None   # the interpreter on the compute nodes (default: this one)
     # memory of one GPU; set for GPU clusters: tune refuses a plan that cannot fit (`medrega plan`)
     gpu_memory_gib: float | None = Field(None, gt=0)
+    # Bounded waits, so a node that never comes, or dies mid-run, ends the job with a diagnosis
+    # instead of a hang: every node must join the rendezvous within rdzv_timeout_s, and any
+    # collective (process-group setup, a step's all-reduce, rank 0 converting a checkpoint while
+    # the others wait) that waits longer than comm_timeout_s fails.
+    rdzv_timeout_s: int = Field(300, ge=1)
+    comm_timeout_s: int = Field(1800, ge=1)
+    # Resume under another world size even where the rest of the epoch cannot be drawn in the
+    # order the interrupted run would have used (group_by_length: the Trainer groups lengths per
+    # per-device batch x accumulation, which a world-size change alters). False: refused, with
+    # the world sizes that resume exactly (README, "Running on a cluster").
+    allow_inexact_resume: bool = False
 
 
 class TuneConfig(TrainingConfig):

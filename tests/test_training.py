@@ -144,7 +144,7 @@ def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inp
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
                             env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
+    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-4" / "layout.json").exists():
         assert proc.poll() is None, "the run finished before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)
