@@ -143,12 +143,13 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
         raise PipelineFailed("config", str(err), err.exit_code) from err
 
 
-def resolve_config(cfg: Config, env: dict[str, str]) -> None:
-    """The active profile into params.resolved.yaml, then DVC's `resolve` stage (the same command
-    under the same MEDREGA_PROFILE): a profile chosen here is what DVC compares and records."""
+def resolve_config(cfg: Config) -> None:
+    """The active profile into params.resolved.yaml, recorded as DVC's `resolve` stage output
+    (`dvc commit`, not a run: the stage's own command resolves params.yaml's `profile:` only, and
+    DVC could restore that from its run cache), so what DVC compares is the profile chosen here."""
     config_mod.write_resolved(cfg)
     if not stage_up_to_date("resolve"):
-        dvc_repro("resolve", env)
+        dvc("commit", "--force", "resolve")
 
 
 def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, Any]:
@@ -169,11 +170,12 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
 
     try:
         ensure_raw_data(cfg)
-        resolve_config(cfg, env)
-    except StageFailed as err:
-        raise PipelineFailed("resolve", str(err), err.exit_code) from err
     except Exception as err:  # noqa: BLE001 - name the stage in the run's state and exit code
         raise PipelineFailed("raw-data", f"{type(err).__name__}: {err}") from err
+    try:
+        resolve_config(cfg)
+    except Exception as err:  # noqa: BLE001
+        raise PipelineFailed("resolve", f"{type(err).__name__}: {err}") from err
     tracking.setup()
     results: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"pipeline-{cfg.profile}") as parent:
