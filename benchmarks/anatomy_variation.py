@@ -98,8 +98,9 @@ def prior_t2r(root: Path, work: Path, params: config.Config) -> dict:
     from model.data import iter_records
     from tasks.evaluate import scorer, test_items
 
-    p = params.merged({"materialize": {"tasks": ["r2t", "t2r"]}, "tune": {"tasks": ["r2t", "t2r"]},
-                       "evaluate": {"tasks": ["t2r"]}})
+    # only what the prior needs (captions stay: the tiny pretraining's phases name them)
+    p = params.merged({"materialize": {"tasks": ["caption", "r2t", "t2r"]}, "tune": {"tasks": ["r2t", "t2r"]},
+                       "evaluate": {"tasks": ["t2r"]}, "register": {"gate": {"metrics": ["t2r.region_f1"]}}})
     out = work / "instructions"
     mat.materialize(root, out, p)
     prior = PriorBaseline(r for r, _ in iter_records(out / "meta_file.json", ["r2t", "t2r"]))

@@ -39,7 +39,7 @@ def echo_json(data) -> None:
 
 def _register_commands() -> None:
     # each module adds its commands to `app`; imported here so `cli.app` alone is complete
-    from cli import checkpoints, config_cmd, evaluation, ops, registry, stages  # noqa: F401
+    from cli import checkpoints, config_cmd, evaluation, export, ops, registry, stages  # noqa: F401
 
 
 _register_commands()

@@ -15,8 +15,14 @@ app.add_typer(config_app, name="config")
 
 @config_app.command("resolve")
 def resolve(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
-            out: Path = typer.Option(config_mod.RESOLVED, help="Where to write it.")):
+            out: Path = typer.Option(config_mod.RESOLVED, help="Where to write it."),
+            env: bool = typer.Option(True, "--env/--no-env", help="Honour MEDREGA_PROFILE (--no-env: only "
+                                     "params.yaml's `profile:`, so the result depends on the file alone; DVC's stage).")):
     """Validate params.yaml (every profile) and write the active profile, fully resolved."""
+    import os
+
+    if not env and profile is None:
+        os.environ.pop(config_mod.PROFILE_ENV, None)
     cfg = load(None, params, profile)
     config_mod.write_resolved(cfg, out)
     typer.echo(f"{out}: profile {cfg.profile}")

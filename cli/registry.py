@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from cli.app import ConfigOpt, ParamsOpt, ProfileOpt, app, console, load
-from medrega.errors import BadInput
+from cli.app import ConfigOpt, ParamsOpt, ProfileOpt, app, console, fail, load
+from medrega.errors import BadInput, MedregaError
 
 
 def _fail(message: str) -> None:
@@ -26,9 +26,7 @@ def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
             force: bool = typer.Option(False, "--force", help="Promote even if a gate metric regressed."),
             reason: Optional[str] = typer.Option(None, help="Why (required with --force); recorded on the version.")):
     """Compare the challenger with the champion on the gate metrics; move `champion` if none regresses."""
-    from cli.app import fail
     from flows.promote import promote_flow
-    from medrega.errors import MedregaError
 
     if force and not (reason or "").strip():
         _fail("--force needs --reason: a manual override is recorded with its reason")
@@ -38,7 +36,7 @@ def promote(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     except MedregaError as err:
         fail(err, "promote")
     typer.echo(json.dumps(result, indent=2, ensure_ascii=False))
-    if result["decision"] == "refused":
+    if result["decision"] in ("refused", "not comparable"):
         console.print(f"[yellow]not promoted:[/] {result['reason']} (override: --force --reason '...')")
         raise typer.Exit(1)
 
@@ -57,7 +55,9 @@ def rollback(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profi
     try:
         result = registry.rollback(mlflow.MlflowClient(), cfg.model_name, champion_alias=cfg.champion_alias,
                                    to=to, reason=reason)
-    except (registry.PromotionError, mlflow.exceptions.MlflowException) as err:
+    except MedregaError as err:  # PromotionError (exit 3), RegistryUnavailable (exit 75)
+        fail(err, "rollback")
+    except mlflow.exceptions.MlflowException as err:
         _fail(str(getattr(err, "message", err)))
     typer.echo(json.dumps(result, indent=2))
 
@@ -87,6 +87,8 @@ def serve(config: Optional[Path] = ConfigOpt, params: Path = ParamsOpt, profile:
     mlflow.set_tracking_uri(tracking.tracking_uri())
     try:
         python_model = load_model(uri, _placement(cfg))
+    except MedregaError as err:  # weights by reference: missing/corrupt (exit 3), remote down (exit 75);
+        fail(err, f"loading {uri}")  # a model that does not fit the devices the profile gives it (exit 3)
     except (mlflow.exceptions.MlflowException, OSError, ValueError) as err:
         _fail(f"cannot load {uri}: {getattr(err, 'message', None) or err}")
     console.print(f"serving {uri} on http://{host}:{port}/invocations")
@@ -125,10 +127,10 @@ def predict(image: Path = typer.Option(..., help="PNG, JPEG or DICOM file."),
         if task:
             row["task"] = [task]
         result = loaded.predict(pd.DataFrame(row))
+    except MedregaError as err:  # weights by reference: missing/corrupt (exit 3), remote down (exit 75);
+        fail(err, "predict")     # a model that does not fit the devices the profile gives it (exit 3)
     except mlflow.exceptions.MlflowException as err:
         _fail(err.message)
-    except BadInput as err:  # e.g. the model does not fit the devices the profile gives it
-        _fail(str(err))
     regions = json.loads(result["regions"][0])
     typer.echo(result["answer"][0])
     typer.echo(json.dumps(regions, ensure_ascii=False))

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import typer
 
 from cli.app import ConfigOpt, ParamsOpt, ProfileOpt, app, echo_json, fail, load
+from medrega import config as config_mod
 from medrega import errors, stages
 from medrega.config import Config
 from medrega.errors import MedregaError
@@ -138,6 +139,10 @@ def pipeline(params: Path = ParamsOpt, profile: Optional[str] = ProfileOpt,
     """Run every stage as one Prefect flow (stages DVC knows are up to date are skipped)."""
     from flows.pipeline import PipelineFailed, medrega_pipeline
 
+    try:  # a bad params file or profile exits 3 here, before Prefect starts, as the flow reports it
+        config_mod.resolve(params, profile)
+    except MedregaError as err:
+        fail(PipelineFailed("config", str(err), err.exit_code), "pipeline")
     try:
         medrega_pipeline(profile=profile, push=push, params_file=str(params))
     except PipelineFailed as err:

@@ -77,12 +77,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> list[dict[str, str]]:
     return rows
 
 
-def dvc_repro(stage: str, env: dict[str, str]) -> None:
+def dvc_repro(stage: str, env: dict[str, str], force: bool = False) -> None:
     """`dvc repro --single-item <stage>`, its output streamed live; a failure says which kind
     of failure from the file the stage command wrote (medrega.errors), not from DVC's text."""
     errors.clear_failure(stage)
-    proc = subprocess.Popen([str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", stage],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    cmd = [str(Path(sys.executable).with_name("dvc")), "repro", "--single-item", *(["--force"] if force else []), stage]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     assert proc.stdout is not None
     for line in proc.stdout:
@@ -98,11 +98,17 @@ def dvc_repro(stage: str, env: dict[str, str]) -> None:
 def run_stage(stage: str, cfg: Config, env: dict[str, str]) -> dict[str, Any]:
     logger = get_run_logger()
     skipped = stage_up_to_date(stage)
-    if skipped:
+    result = stages.read_result(cfg, stage)
+    # an applied DVC experiment's register output says "not registered" (tasks/register.py): up to
+    # date for DVC, but this run is where its model gets registered
+    force = skipped and stage == "register" and result is not None and result.summary.get("registered") is False
+    if skipped and not force:
         logger.info("%s: up to date (DVC), skipped", stage)
     else:
-        logger.info("%s: running `dvc repro --single-item %s`", stage, stage)
-        dvc_repro(stage, env)
+        logger.info("%s: running `dvc repro --single-item %s`%s", stage, stage,
+                    " --force: not registered yet" if force else "")
+        dvc_repro(stage, env, force=force)
+        skipped = False
     result = stages.read_result(cfg, stage)
     summary = result.summary if result else {}
     rows = _flat(summary)[:200]
@@ -119,8 +125,8 @@ def run_stage(stage: str, cfg: Config, env: dict[str, str]) -> dict[str, Any]:
 # S3 hiccups are the usual failure here: back off and retry (jittered, so two workspaces
 # pushing to one bucket do not retry in step)
 @task(name="dvc-push", retries=2, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
-def dvc_push() -> str:
-    out = dvc("push")
+def dvc_push(targets: tuple[str, ...] = ()) -> str:
+    out = dvc("push", *targets)
     return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else "pushed"
 
 
@@ -137,12 +143,13 @@ def medrega_pipeline(profile: str | None = None, push: bool = True, params_file:
         raise PipelineFailed("config", str(err), err.exit_code) from err
 
 
-def resolve_config(cfg: Config, env: dict[str, str]) -> None:
-    """The active profile into params.resolved.yaml, then DVC's `resolve` stage (the same command
-    under the same MEDREGA_PROFILE): a profile chosen here is what DVC compares and records."""
+def resolve_config(cfg: Config) -> None:
+    """The active profile into params.resolved.yaml, recorded as DVC's `resolve` stage output
+    (`dvc commit`, not a run: the stage's own command resolves params.yaml's `profile:` only, and
+    DVC could restore that from its run cache), so what DVC compares is the profile chosen here."""
     config_mod.write_resolved(cfg)
     if not stage_up_to_date("resolve"):
-        dvc_repro("resolve", env)
+        dvc("commit", "--force", "resolve")
 
 
 def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, Any]:
@@ -150,9 +157,9 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
 
     logger = get_run_logger()
     cfg = config_mod.resolve(params_file, profile)
-    # dvc.yaml's commands (`medrega ...`) must resolve to this environment's console script
+    # dvc.yaml's commands (scripts/medrega) run this interpreter, and `dvc` finds its own
     bin_dir = str(Path(sys.executable).parent)
-    env = dict(os.environ, MEDREGA_PROFILE=cfg.profile, PYTHONUNBUFFERED="1",
+    env = dict(os.environ, MEDREGA_PROFILE=cfg.profile, PYTHONUNBUFFERED="1", MEDREGA_PYTHON=sys.executable,
                PATH=bin_dir + os.pathsep + os.environ.get("PATH", ""))
     try:
         from prefect.runtime import flow_run
@@ -163,17 +170,22 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
 
     try:
         ensure_raw_data(cfg)
-        resolve_config(cfg, env)
-    except StageFailed as err:
-        raise PipelineFailed("resolve", str(err), err.exit_code) from err
     except Exception as err:  # noqa: BLE001 - name the stage in the run's state and exit code
         raise PipelineFailed("raw-data", f"{type(err).__name__}: {err}") from err
+    try:
+        resolve_config(cfg)
+    except Exception as err:  # noqa: BLE001
+        raise PipelineFailed("resolve", f"{type(err).__name__}: {err}") from err
     tracking.setup()
     results: dict[str, Any] = {}
     with mlflow.start_run(run_name=f"pipeline-{cfg.profile}") as parent:
         mlflow.set_tags({"medrega.profile": cfg.profile, "prefect.flow_run_id": env.get("MEDREGA_FLOW_RUN_ID", "")})
         env[tracking.PARENT_ENV] = parent.info.run_id
         for stage in STAGES:
+            if stage == "register" and cfg.register_.weights == "reference" and push:
+                # a version by reference points at the tuned checkpoint on the remote: it must be
+                # there before register checks it (the full push waits for the end of the run)
+                push_checkpoint()
             try:
                 results[stage] = run_stage(stage, cfg, env)
             except StageFailed as err:
@@ -195,6 +207,15 @@ def _pipeline(profile: str | None, push: bool, params_file: str) -> dict[str, An
     return results
 
 
+def push_checkpoint() -> None:
+    try:
+        dvc_push(("tune",))
+    except Exception as err:  # noqa: BLE001 - retries are spent
+        why = next((ln.strip() for ln in str(err).splitlines() if "ERROR" in ln), str(err) or repr(err))
+        raise PipelineFailed("push", f"{why} -- register.weights=reference needs the tuned checkpoint on the "
+                             "DVC remote before the version is registered") from err
+
+
 def final_report(cfg: Config, results: dict[str, Any], pushed: str) -> str:
     reg = results["register"]["summary"]
     metrics = results["evaluate"]["summary"]
@@ -206,6 +227,8 @@ def final_report(cfg: Config, results: dict[str, Any], pushed: str) -> str:
     lines += ["", f"- Registered model: `{reg.get('uri')}` (version {reg.get('version')}, name `{reg.get('model_name')}`)",
               f"- MLflow tracking: `{reg.get('tracking_uri')}`"]
     for task_name, m in metrics.items():
+        if task_name == "release":  # the authors' protocol's figures: in metrics.json and report.html, not here
+            continue
         keys = [k for k in ("align_f1", "region_f1", "mean_iou", "parse_failures", "accuracy", "macro_f1", "closed_accuracy", "open_recall", "bleu1", "rougeL", "meteor", "name_accuracy") if k in m]
         lines.append(f"- {task_name}: " + ", ".join(f"{k}={m[k]:.3f}" if isinstance(m[k], float) else f"{k}={m[k]}" for k in keys))
     lines += [f"- Metrics file: `{cfg.evaluate.out}/metrics.json` (`dvc metrics show`); "

@@ -36,7 +36,7 @@ def promote_flow(params_file: str = "params.yaml", profile: str | None = None, v
     cfg = config_mod.resolve(params_file, profile).register_
     result = compare_and_promote(cfg, version, override_reason)
     rows = [{"metric": r["metric"], "challenger": _fmt(r["challenger"]), "champion": _fmt(r["champion"]),
-             "delta": _fmt(r["delta"]), "status": r["status"]} for r in result["rows"]]
+             "delta": _fmt(r["delta"]), "status": r["status"], "note": r.get("note", "")} for r in result["rows"]]
     create_table_artifact(key="medrega-promotion", table=rows or [{"metric": "-", "status": result["decision"]}],
                           description=f"**{result['decision']}** version {result['version']}: {result['reason']}")
     create_markdown_artifact(key="medrega-promotion-decision", markdown=(

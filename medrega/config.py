@@ -232,6 +232,8 @@ class DeepSpeedConfig(Section):
 
 
 class LauncherConfig(Section):
+    # local: torchrun on this machine; with nnodes > 1, one torchrun per "node" on loopback
+    # addresses (127.0.0.1, 127.0.0.2, ...), a rehearsal of a multi-node run. slurm: sbatch.
     kind: Literal["local", "slurm"] = "local"
     nnodes: int = Field(1, ge=1)
     nproc_per_node: int = Field(1, ge=1)
@@ -249,6 +251,17 @@ class LauncherConfig(Section):
     python: str | None = None   # the interpreter on the compute nodes (default: this one)
     # memory of one GPU; set for GPU clusters: align and tune refuse a plan that cannot fit (`medrega plan`)
     gpu_memory_gib: float | None = Field(None, gt=0)
+    # Bounded waits, so a node that never comes, or dies mid-run, ends the job with a diagnosis
+    # instead of a hang: every node must join the rendezvous within rdzv_timeout_s, and any
+    # collective (process-group setup, a step's all-reduce, rank 0 converting a checkpoint while
+    # the others wait) that waits longer than comm_timeout_s fails.
+    rdzv_timeout_s: int = Field(300, ge=1)
+    comm_timeout_s: int = Field(1800, ge=1)
+    # Resume under another world size even where the rest of the epoch cannot be drawn in the
+    # order the interrupted run would have used (group_by_length: the Trainer groups lengths per
+    # per-device batch x accumulation, which a world-size change alters). False: refused, with
+    # the world sizes that resume exactly (README, "Running on a cluster").
+    allow_inexact_resume: bool = False
 
     @model_validator(mode="after")
     def _a_gpu_per_rank(self) -> "LauncherConfig":
@@ -320,6 +333,8 @@ class EvaluateConfig(Section):
 
 class GateConfig(Section):
     tolerance: float = Field(0.02, ge=0.0)
+    # `<task>.<figure>` or `<task>.<lang>.<figure>`, score figures only (higher is better); checked
+    # against what evaluation produces (medrega.metrics.figures) when params load
     metrics: list[str] = []
 
 
@@ -328,7 +343,13 @@ class RegisterConfig(Section):
     model_name: str = "medrega"
     alias: str = "challenger"
     champion_alias: str = "champion"
-    weights: Literal["merged", "adapter"] = "merged"
+    # merged: one full checkpoint copied into the MLflow model; adapter: base weights + LoRA
+    # adapter copied in; reference: no copy, the version records the tuned checkpoint's DVC remote
+    # and content hashes, and loading fetches and verifies them (checkpoints too big to store twice)
+    weights: Literal["merged", "adapter", "reference"] = "merged"
+    # inside `dvc exp run` register records "not registered" instead of creating a version and
+    # moving `alias` (an 8-sample experiment must not become the challenger); true to register them
+    in_experiments: bool = False
     gate: GateConfig = GateConfig()
 
     @model_validator(mode="after")
@@ -414,7 +435,33 @@ class Config(Section):
                                  f"({', '.join(sorted(built))})")
         if self.register_.weights == "adapter" and self.tune.mode != "lora":
             raise ValueError("register.weights 'adapter' needs tune.mode 'lora'")
+        self._gate_figures()
         return self
+
+    def _gate_figures(self) -> None:
+        """Each gate name must be a score figure evaluation produces for the evaluated tasks and
+        languages (medrega.metrics.figures, the table the scorer checks itself against): a
+        misspelt gate would read "not measured" on every version and protect nothing."""
+        import difflib
+
+        from medrega.metrics.figures import gate_names
+
+        tasks = self.evaluate.tasks or self.materialize.tasks
+        known = gate_names(tasks, self.materialize.langs)
+        everything = [name for names in known.values() for name in names]
+        for i, name in enumerate(self.register_.gate.metrics):
+            if name in everything:
+                continue
+            task = name.split(".")[0]
+            if task not in known:
+                why = f"task {task!r} is not evaluated (evaluated: {', '.join(tasks)})"
+            else:
+                alike = [n for n in known[task] if n.count(".") == name.count(".")]
+                close = difflib.get_close_matches(name, alike, n=3, cutoff=0.6)
+                why = ("evaluation produces no such figure" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                       + f"; {task} figures: {', '.join(n for n in known[task] if n.count('.') == 1)}, "
+                       f"each also as {task}.<lang>.<figure> for {', '.join(self.materialize.langs)}")
+            raise ValueError(f"register.gate.metrics[{i}]: {name!r}: {why}")
 
     def section(self, name: str) -> Section:
         return getattr(self, name + "_" if name in ("validate", "register") else name)

@@ -162,14 +162,17 @@ def parse_regions(text) -> ParseResult:
         # An unclosed or stray box tag: a box was attempted but cannot be read.
         malformed = True
         result.n_invalid += rest.count("<box>")
+    return _finish(result, text, last_end, malformed)
+
+
+def _finish(result: ParseResult, text: str, last_end: int | None, malformed: bool) -> ParseResult:
+    """The grounded-report description after the last box, and the verdict."""
     if last_end is not None:
         d = _DESCRIPTION.match(text[last_end:])
         if d:
             result.text = d.group(1).strip()
     result.ok = bool(result.regions) and not malformed
     return result
-
-
 
 
 # --- answers decoded without their special tokens (SPEC §6) -------------------------------
@@ -205,11 +208,7 @@ def parse_answer_regions(text) -> ParseResult:
         name = _untagged_name(text[pos:m.start()])
         result.regions.extend((name, b) for b in boxes)
         pos = m.end()
-    d = _DESCRIPTION.match(text[pos:])
-    if d:
-        result.text = d.group(1).strip()
-    result.ok = bool(result.regions) and not malformed
-    return result
+    return _finish(result, text, pos, malformed)
 
 
 # -- <ref>/<box> structure ----------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 
 import pandas as pd
 
-from medrega import vocab
+from medrega import io, vocab
 from medrega.config import ValidateConfig
 from medrega.images import TOO_LARGE, ImageRefused, header, open_image
 from medrega.sources.samed2d import CLASS_MAPPING_FILE, MAPPING_FILE, class_lookup, mask_boxes, parse_image_name, \
@@ -38,9 +38,12 @@ MASK_COLUMNS = ["file", "canonical", "image", "label", "label_key", "label_known
 
 
 class IndexUnreadable(ValueError):
-    def __init__(self, file: str, detail: str):
+    """The index or the class mapping cannot be used; `rule` is the rule it broke, when a more
+    precise one than "index readable" applies (a key given twice)."""
+
+    def __init__(self, file: str, detail: str, rule: str | None = None):
         super().__init__(f"{file}: {detail}")
-        self.file, self.detail = file, detail
+        self.file, self.detail, self.rule = file, detail, rule
 
 
 class _Pairs(list):
@@ -63,7 +66,10 @@ def read_class_map(data_root: Path) -> dict[str, dict[int, str]]:
     """`{dataset: {id: label}}`, read exactly as the SA-Med2D reader reads it."""
     path = data_root / CLASS_MAPPING_FILE
     try:
-        return class_lookup(json.loads(path.read_text(encoding="utf-8")), path)
+        return class_lookup(io.loads_json(path.read_text(encoding="utf-8"), path), path)
+    except io.DuplicateKey as dup:  # a dataset or a label given twice: json.loads would keep the last
+        raise IndexUnreadable(CLASS_MAPPING_FILE, f"line {dup.line}: key {dup.key!r} is given twice in one object",
+                              dup.rule) from None
     except (OSError, ValueError) as exc:
         raise IndexUnreadable(CLASS_MAPPING_FILE, f"{type(exc).__name__}: {exc}") from None
 

@@ -8,7 +8,6 @@ instruction mix.
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,9 @@ def read(meta_file: Path, tasks: list[str] | None = None) -> list[tuple[str, dic
     """(name, entry) pairs in name order, `root` and `annotation` resolved; only `tasks` if given."""
     meta_file = Path(meta_file)
     try:
-        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+        meta = io.loads_json(meta_file.read_text(encoding="utf-8"), meta_file)
+    except io.DuplicateKey:
+        raise  # names the file, line and key already
     except (OSError, ValueError) as err:
         raise BadInput(f"{meta_file}: not a readable meta file ({type(err).__name__}: {err})") from None
     if not isinstance(meta, dict) or not all(isinstance(e, dict) and "annotation" in e for e in meta.values()):

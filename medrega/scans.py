@@ -12,6 +12,9 @@ from PIL import Image, ImageDraw
 
 from medrega.errors import BadInput
 from medrega.fonts import label_font
+from medrega.images import FORMAT, TOO_LARGE, ImageRefused, open_image
+
+MAX_SCAN_PIXELS = 40_000_000  # the validate stage's and the server's bound
 
 COLOURS = ["#ff3b30", "#34c759", "#0a84ff", "#ffcc00", "#af52de", "#ff9500", "#5ac8fa"]
 
@@ -56,16 +59,16 @@ def read_scan(path: Path) -> Image.Image:
         raise ScanError(f"{path}: no such file")
     if is_dicom(path):
         return read_dicom(path)
-    Image.MAX_IMAGE_PIXELS = 40_000_000
     try:
-        with Image.open(path) as image:
-            if image.format not in ("PNG", "JPEG"):
-                raise ScanError(f"{path.name}: {image.format} is not supported (PNG, JPEG or DICOM)")
-            return image.convert("RGB")
-    except ScanError:
-        raise
-    except Exception as err:
-        raise ScanError(f"{path.name}: not a readable PNG, JPEG or DICOM file ({type(err).__name__})") from None
+        # the size from the header first, PIL's limits for this call only (medrega.images)
+        return open_image(path, MAX_SCAN_PIXELS, formats=("PNG", "JPEG")).convert("RGB")
+    except ImageRefused as refused:
+        if refused.reason == FORMAT:
+            raise ScanError(f"{path.name}: {refused.detail.split(' is not')[0]} is not supported (PNG, JPEG or DICOM)") \
+                from None
+        if refused.reason == TOO_LARGE:
+            raise ScanError(f"{path.name}: {refused.detail}") from None
+        raise ScanError(f"{path.name}: not a readable PNG, JPEG or DICOM file") from None
 
 
 def draw_regions(image: Image.Image, regions: list[dict], scale: int = 2) -> Image.Image:

@@ -3,6 +3,8 @@
 Default store: SQLite under `mlflow/` with artifacts in `mlflow/artifacts` (MLflow >= 3.13
 refuses the plain file store). `MLFLOW_TRACKING_URI` points elsewhere (a real server). The
 pipeline flow exports `MEDREGA_PARENT_RUN_ID` so stages started by `dvc repro` nest under it.
+Inside a DVC experiment each stage's run carries the experiment's name (`dvc.exp_name`) and
+lands in the repository's store even when DVC runs the experiment in a copy under .dvc/tmp/exps.
 """
 from __future__ import annotations
 
@@ -16,10 +18,22 @@ from typing import Any
 EXPERIMENT = os.environ.get("MEDREGA_EXPERIMENT", "medrega")
 PARENT_ENV = "MEDREGA_PARENT_RUN_ID"
 MLFLOW_DIR = Path("mlflow")
+# MLflow 3's UI opens an experiment on the view its kind names; without the tag it guesses, and
+# guessed GenAI traces (empty here) for ours. Its values in MLflow 3.17: genai_development,
+# custom_model_development (runs: training, metrics, models), and `*_inferred` / no_inferred_type
+# for the UI's own guesses.
+KIND_TAG = "mlflow.experimentKind"
+KIND = "custom_model_development"
+
+
+def store_dir() -> Path:
+    """`mlflow/` of the repository: DVC_ROOT names it when DVC runs a stage in an experiment's
+    copy under .dvc/tmp/exps (deleted afterwards, and with it anything logged there)."""
+    return Path(os.environ.get("DVC_ROOT") or ".") / MLFLOW_DIR
 
 
 def tracking_uri() -> str:
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(MLFLOW_DIR / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(store_dir() / 'mlflow.db').resolve()}"
 
 
 ARTIFACT_ROOT_ENV = "MEDREGA_ARTIFACT_ROOT"
@@ -44,12 +58,17 @@ def setup() -> str:
     uri = tracking_uri()
     mlflow.set_tracking_uri(uri)
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        MLFLOW_DIR.mkdir(exist_ok=True)
+        store_dir().mkdir(exist_ok=True)
     existing = mlflow.get_experiment_by_name(EXPERIMENT)
-    if existing is not None:
-        experiment_id = existing.experiment_id
+    if existing is None:
+        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri),
+                                                 tags={KIND_TAG: KIND})
     else:
-        experiment_id = mlflow.create_experiment(EXPERIMENT, artifact_location=artifact_location(uri))
+        experiment_id = existing.experiment_id
+        # an experiment made before the tag, or one the UI guessed for: a choice made in the UI stays
+        kind = existing.tags.get(KIND_TAG, "")
+        if kind in ("", "no_inferred_type") or kind.endswith("_inferred"):
+            mlflow.MlflowClient().set_experiment_tag(experiment_id, KIND_TAG, KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
 
@@ -73,10 +92,14 @@ def stage_run(stage: str, params: dict[str, Any] | None = None) -> Iterator[Any]
     """An MLflow run for one stage, nested under the pipeline run when there is one."""
     import mlflow
 
+    from medrega import experiments
+
     setup()
     parent = os.environ.get(PARENT_ENV)
-    with mlflow.start_run(run_name=stage, parent_run_id=parent, nested=bool(parent)) as run:
-        mlflow.set_tag("medrega.stage", stage)
+    exp = experiments.current()
+    name = f"{stage} ({exp.name})" if exp else stage
+    with mlflow.start_run(run_name=name, parent_run_id=parent, nested=bool(parent)) as run:
+        mlflow.set_tags({"medrega.stage": stage, **(exp.tags() if exp else {})})
         if params:
             mlflow.log_params(flatten(params, f"{stage}."))
         yield run
@@ -115,6 +138,15 @@ def log_training(summary: dict[str, Any], prefix: str | None = None) -> None:
 def metric_name(name: str) -> str:
     """MLflow allows only [A-Za-z0-9_-. :/] in metric names; `acc@0.5` becomes `acc_at_0.5`."""
     return name.replace("@", "_at_")
+
+
+def log_release_metrics(release: dict[str, dict[str, dict[str, float]]]) -> None:
+    """The authors' protocol's figures (`release_headline`) as `release/<task>/<setting or
+    lang>/<their key>`, so no figure of theirs can be mistaken for one of ours."""
+    import mlflow
+
+    mlflow.log_metrics({metric_name(f"release/{task}/{sub}/{k}"): float(v) for task, subs in release.items()
+                        for sub, figures in subs.items() for k, v in figures.items()})
 
 
 def log_task_metrics(metrics: dict[str, dict[str, Any]]) -> None:

@@ -11,13 +11,18 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from medrega.config import LauncherConfig
-from medrega.errors import BadInput, MedregaError
+from medrega.errors import BadInput, MedregaError, Transient
 
 
 class LaunchFailed(MedregaError):
@@ -49,35 +54,206 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@dataclass(frozen=True)
+class Node:
+    """One torchrun agent: a node of the job. On one machine a "node" is a torchrun process with
+    its own loopback address; the rendezvous cannot tell it from a separate host."""
+
+    index: int
+    address: str            # the node's own address (torchrun --local-addr)
+    endpoint: str           # host:port of the c10d rendezvous store it joins
+    cmd: list[str]
+
+
+def local_nodes(launcher: LauncherConfig, args: list[str], port: int | None = None,
+                rdzv_id: str | None = None) -> list[Node]:
+    """The torchrun commands of a local run: one standalone node, or `nnodes` nodes on
+    127.0.0.1, 127.0.0.2, ... joining a c10d rendezvous that node 0 hosts on 127.0.0.1."""
+    run = [sys.executable, "-m", "torch.distributed.run"]
+    if launcher.nnodes == 1:
+        return [Node(0, "127.0.0.1", "standalone",
+                     [*run, "--standalone", f"--nproc-per-node={launcher.nproc_per_node}", *args])]
+    if launcher.nnodes > 9:  # the rendezvous compares addresses as text: 127.0.0.10 < 127.0.0.2
+        raise BadInput(f"tune.launcher.nnodes {launcher.nnodes}: a local rehearsal runs at most 9 nodes "
+                       "(127.0.0.1 to 127.0.0.9); use kind: slurm for more")
+    endpoint = f"127.0.0.1:{port or free_port()}"
+    rdzv_id = rdzv_id or f"medrega-{os.getpid()}-{int(time.time())}"
+    nodes = []
+    for k in range(launcher.nnodes):
+        # The c10d backend ignores --node-rank and orders nodes by address: 127.0.0.(k+1) makes
+        # node k group rank k. Node 0 hosts the store; the others only connect (is_host=0), so a
+        # node pointed at the wrong endpoint fails instead of hosting a store of its own.
+        conf = (f"join_timeout={launcher.rdzv_timeout_s},read_timeout={read_timeout(launcher)},"
+                f"is_host={int(k == 0)}")
+        nodes.append(Node(k, f"127.0.0.{k + 1}", endpoint, [
+            *run, f"--nnodes={launcher.nnodes}", f"--nproc-per-node={launcher.nproc_per_node}",
+            "--rdzv-backend=c10d", f"--rdzv-endpoint={endpoint}", f"--rdzv-id={rdzv_id}", f"--rdzv-conf={conf}",
+            f"--local-addr=127.0.0.{k + 1}", "--max-restarts=0", *args]))
+    return nodes
+
+
+def read_timeout(launcher: LauncherConfig) -> int:
+    """How long a node tries to reach the rendezvous store: well inside the join timeout, so a
+    node that cannot reach it says so before the others give up waiting for it."""
+    return max(5, launcher.rdzv_timeout_s // 4)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_local(launcher: LauncherConfig, args: list[str], log_file: Path) -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={launcher.nproc_per_node}",
-           *args]
+    supervise(local_nodes(launcher, args), log_file, launcher)
+
+
+def supervise(nodes: list[Node], log_file: Path, launcher: LauncherConfig, grace_s: float = 10.0) -> None:
+    """Run the nodes, streaming their output into `log_file` (lines prefixed `[node k]` when
+    there are several). The first node that fails stops the others (their ranks would otherwise
+    wait in a collective until comm_timeout_s) and its diagnosis is raised."""
+    env, many = worker_env(), launcher.nnodes > 1
+    if many:
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")  # a rehearsal on one machine talks over loopback
     log_file.parent.mkdir(parents=True, exist_ok=True)
+    lock = threading.Lock()
+    recent = {n.index: deque(maxlen=400) for n in nodes}
     with log_file.open("w") as log:
-        log.write("$ " + shlex.join(cmd) + "\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=worker_env(), text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:  # stream: the flow's log shows training as it happens
-            log.write(line)
-            log.flush()
-            sys.stdout.write(line)
-        code = proc.wait()
-    if code != 0:
-        raise diagnosis(log_file, f"torchrun exited {code}")
+        def emit(node: Node, line: str) -> None:
+            recent[node.index].append(line.rstrip("\n"))
+            text = f"[node {node.index}] {line}" if many else line
+            with lock:  # stream: the flow's log shows training as it happens
+                log.write(text)
+                log.flush()
+                sys.stdout.write(text)
+
+        procs, readers = [], []
+        try:
+            for node in nodes:
+                emit(node, "$ " + shlex.join(node.cmd) + "\n")
+                # own session: stopping a node stops its torchrun and every rank under it
+                proc = subprocess.Popen(node.cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env,
+                                        text=True, start_new_session=True)
+                procs.append(proc)
+                readers.append(threading.Thread(target=lambda n=node, p=proc: [emit(n, x) for x in p.stdout],
+                                                daemon=True))
+                readers[-1].start()
+            codes, order, stopped = _watch(procs, grace_s)
+        finally:  # interrupted here (Ctrl-C, a failed start): no node outlives its launcher
+            for proc in procs:
+                if proc.poll() is None:
+                    _stop(proc)
+            for reader in readers:
+                reader.join(timeout=30)
+    failed = [(nodes[k], f"torchrun exited {codes[k]}", "\n".join(recent[nodes[k].index]))
+              for k in order if codes[k] and k not in stopped]
+    if failed:
+        err = failure_diagnosis(failed, launcher.nnodes, log_file, launcher)
+        if stopped:
+            err.args = (f"{err.args[0]}\n(stopped by the launcher after that: "
+                        f"{', '.join(f'node {k}' for k in sorted(stopped))})",)
+        raise err
 
 
-_RAISED = re.compile(r"^(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Failed|Refused|Input|Busy)): (?P<msg>.+)$")
+def _watch(procs: list[subprocess.Popen], grace_s: float) -> tuple[list[int], list[int], set[int]]:
+    """Exit codes once every node ended, the nodes in the order they ended, and which were
+    stopped here: after the first failure the others get `grace_s` to end on their own (their
+    own error may be the cause), then are stopped."""
+    deadline, stopped, order = None, set(), []
+    while True:
+        codes = [p.poll() for p in procs]
+        order += [k for k, c in enumerate(codes) if c is not None and k not in order]
+        if all(c is not None for c in codes):
+            for p in procs:
+                p.wait()
+            time.sleep(0.2)  # let the output threads drain
+            return codes, order, stopped
+        if deadline is None and any(c not in (None, 0) for c in codes):
+            deadline = time.monotonic() + grace_s
+        if deadline is not None and time.monotonic() > deadline:
+            for k, (p, c) in enumerate(zip(procs, codes)):
+                if c is None:
+                    stopped.add(k)
+                    _stop(p)
+        time.sleep(0.2)
 
 
-def diagnosis(log_file: Path, what: str) -> MedregaError:
-    """What a failed job's ranks raised, as the error to raise here: a rank that stopped on bad
-    input (any medrega BadInput, e.g. DataError, ConfigError) stays bad input, so it is not
-    retried; anything else is LaunchFailed naming the rank's own error before the log's tail."""
+def _stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# a raised error's last line; srun --label puts "3: " and torchrun "[rank3]: " before it
+_RAISED = re.compile(r"^(?:\s*\d+: )?(?:\[rank\d+\]:\s*)?"
+                     r"(?P<cls>[A-Za-z_][\w.]*(?:Error|Exception|Failed|Refused|Input|Busy))(?:: (?P<msg>.+)|\s*)$")
+# what a rank or agent raises when the network between nodes, not the training, is at fault
+_BACKEND = re.compile(r"Dist(?:Network|Backend|Store)Error|gloo|nccl|ProcessGroup|Connection (?:closed|reset) by peer|"
+                      r"Connection refused|Broken pipe|timed out|timeout", re.IGNORECASE)
+
+
+class RendezvousFailed(Transient):
+    """Nodes could not find or reach each other: which node, which address, what to check."""
+
+
+def failure_diagnosis(failed: list[tuple[Node, str, str]], nnodes: int, log_file: Path,
+                      launcher: LauncherConfig) -> MedregaError:
+    """The error that explains a failure, from (node, what happened, its output) of each failed
+    node in the order they failed: bad input on any node (it is never retried), else the first
+    node's, since what the others report next (a lost store, a timed-out collective) is mostly
+    that node going away. The other failed nodes are named too."""
+    verdicts = [(node, node_diagnosis(node, what, text, log_file, launcher, nnodes)) for node, what, text in failed]
+    node, err = next(((n, e) for n, e in verdicts if isinstance(e, BadInput)), verdicts[0])
+    others = [f"node {n.index}: {what}" for n, what, _ in failed if n.index != node.index]
+    if others:
+        err.args = (f"{err.args[0]}\n(also failed, after node {node.index} or for the same cause: "
+                    f"{'; '.join(others)})",)
+    return err
+
+
+def node_diagnosis(node: Node, what: str, text: str, log_file: Path, launcher: LauncherConfig,
+                   nnodes: int) -> MedregaError:
+    """One failed node's output read as bad input, an unreachable rendezvous store, a rendezvous
+    timeout, a backend failure or its own error, each with what to check."""
+    where = "" if nnodes == 1 else f"node {node.index} ({node.address}): "
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m and not m["cls"].endswith("ChildFailedError")]
+    names = " ".join(m["cls"] for m in raised)
+    bad = _bad_input(raised)
+    if bad is not None:
+        return bad
+    if "RendezvousConnectionError" in names:
+        return RendezvousFailed(
+            f"{where}could not reach the rendezvous store at {node.endpoint} within {read_timeout(launcher)} s. "
+            f"Check that node 0 is running and hosts the store on that address and port, that the port is right "
+            f"and open (a firewall), and that {node.endpoint.rsplit(':', 1)[0]} routes from this node.")
+    if "RendezvousTimeoutError" in names:
+        return RendezvousFailed(
+            f"{where}the rendezvous at {node.endpoint} did not complete within {launcher.rdzv_timeout_s} s "
+            f"(tune.launcher.rdzv_timeout_s): not all {nnodes} nodes joined. Check that every node was started with "
+            f"the same --rdzv-id and --nnodes={nnodes}, that each reaches {node.endpoint} (the address of node 0; "
+            f"a firewall), and whether a node failed before joining (its lines in {log_file}).")
+    backend = [m for m in raised if _BACKEND.search(f"{m['cls']} {m['msg'] or ''}")]
+    if backend:
+        first = backend[0]
+        return RendezvousFailed(
+            f"{where}the nodes met at {node.endpoint} but the {launcher.backend} backend failed: "
+            f"{first['cls']}: {first['msg'] or ''}. Check that the nodes reach each other on the interface "
+            f"{launcher.backend} uses (GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME), that no rank died first "
+            f"(the other nodes' lines in {log_file}), and that no step waits longer than "
+            f"tune.launcher.comm_timeout_s ({launcher.comm_timeout_s} s).")
+    return diagnosis_of(raised, where + what, text, str(log_file))
+
+
+def _bad_input(raised: list[re.Match]) -> BadInput | None:
+    """A rank that stopped on bad input (any medrega BadInput, e.g. DataError, ConfigError,
+    ResumeRefused) stays bad input, so it is not retried: raised here as its own class where
+    that takes the message alone, else as BadInput."""
     import importlib
 
-    raised = [m for m in map(_RAISED.match, tail(log_file, 400).splitlines())
-              if m and not m["cls"].endswith("ChildFailedError")]
     for m in raised:
         module, _, name = m["cls"].rpartition(".")
         try:
@@ -85,9 +261,30 @@ def diagnosis(log_file: Path, what: str) -> MedregaError:
         except (ImportError, AttributeError):
             cls = None
         if isinstance(cls, type) and issubclass(cls, BadInput):
-            return BadInput(m["msg"])
-    first = f"\nfirst error: {raised[0]['cls']}: {raised[0]['msg']}" if raised else ""
-    return LaunchFailed(f"{what}{first}\nlast lines of {log_file}:\n{tail(log_file)}")
+            try:
+                err = cls(m["msg"] or m["cls"])
+            except Exception:  # a class built from something else (PlanDoesNotFit takes a plan)
+                err = None
+            return err if isinstance(err, BadInput) and str(err) == (m["msg"] or m["cls"]) \
+                else BadInput(m["msg"] or m["cls"])
+    return None
+
+
+def diagnosis_of(raised: list[re.Match], what: str, text: str, source: str = "the log") -> MedregaError:
+    """BadInput when a rank stopped on bad input; else LaunchFailed naming the rank's own error
+    before the log's tail."""
+    bad = _bad_input(raised)
+    if bad is not None:
+        return bad
+    first = f"\nfirst error: {raised[0]['cls']}: {raised[0]['msg'] or ''}" if raised else ""
+    return LaunchFailed(f"{what}{first}\nlast lines of {source}:\n" + "\n".join(text.splitlines()[-30:]))
+
+
+def diagnosis(log_file: Path, what: str) -> MedregaError:
+    """What a failed job's ranks raised (from its log), as the error to raise here."""
+    text = tail(log_file, 400)
+    raised = [m for m in map(_RAISED.match, text.splitlines()) if m and not m["cls"].endswith("ChildFailedError")]
+    return diagnosis_of(raised, what, text, str(log_file))
 
 
 def tail(path: Path, lines: int = 30) -> str:
@@ -128,6 +325,9 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
         'head_addr=${head_addr:-$head_node}',
         f"export MASTER_PORT={launcher.port}",
         "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}",
+        # read back by the launcher's diagnosis: node k of the `--label`ed lines is the k-th name
+        ('echo "medrega: nodes $(scontrol show hostnames "$SLURM_JOB_NODELIST" | paste -sd " ") '
+         'rendezvous $head_addr:$MASTER_PORT"'),
     ]
     if cpu_only:
         lines.append("export DS_ACCELERATOR=cpu")
@@ -135,9 +335,11 @@ def sbatch_script(launcher: LauncherConfig, args: list[str], workdir: Path, log_
         shlex.quote(launcher.python or sys.executable), "-m", "torch.distributed.run",
         f"--nnodes={nodes}", f"--nproc-per-node={ranks}",
         "--rdzv-backend=c10d", '--rdzv-endpoint="$head_addr:$MASTER_PORT"', '--rdzv-id="$SLURM_JOB_ID"',
-        *(shlex.quote(a) for a in args),
+        f"--rdzv-conf=join_timeout={launcher.rdzv_timeout_s},read_timeout={read_timeout(launcher)}",
+        "--max-restarts=0", *(shlex.quote(a) for a in args),
     ]
-    lines.append("srun --kill-on-bad-exit=1 " + " ".join(torchrun))
+    # --label: every line starts with the task (= node) number, so a failure names its node
+    lines.append("srun --label --kill-on-bad-exit=1 " + " ".join(torchrun))
     return "\n".join(lines) + "\n"
 
 
@@ -163,8 +365,30 @@ def run_slurm(launcher: LauncherConfig, args: list[str], log_file: Path, poll_s:
         if state in {"COMPLETED"}:
             return job
         if state in {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE"}:
-            raise diagnosis(log_file, f"Slurm job {job} ended {state}")
+            raise slurm_diagnosis(log_file, launcher, f"Slurm job {job} ended {state}")
         time.sleep(poll_s)
+
+
+_NODES_LINE = re.compile(r"^medrega: nodes (?P<hosts>.*) rendezvous (?P<endpoint>\S+)$")
+_LABELLED = re.compile(r"^\s*(?P<task>\d+): (?P<line>.*)$")
+
+
+def slurm_diagnosis(log_file: Path, launcher: LauncherConfig, what: str) -> MedregaError:
+    """The job's log split by node (srun --label) and read like a local run's nodes."""
+    hosts, endpoint, per_node, first_error = [], "the first node", {}, {}
+    for i, line in enumerate(tail(log_file, 4000).splitlines()):
+        if m := _NODES_LINE.match(line):
+            hosts, endpoint = m["hosts"].split(), m["endpoint"]
+        elif m := _LABELLED.match(line):
+            k = int(m["task"])
+            per_node.setdefault(k, []).append(m["line"])
+            if _RAISED.match(m["line"]):
+                first_error.setdefault(k, i)  # the order the nodes failed in
+    failed = [(Node(k, hosts[k] if k < len(hosts) else "?", endpoint, []), what, "\n".join(per_node[k][-400:]))
+              for k in sorted(first_error, key=first_error.get)]
+    if not failed:
+        return diagnosis(log_file, what)
+    return failure_diagnosis(failed, launcher.nnodes, log_file, launcher)
 
 
 def job_state(job: str) -> str:

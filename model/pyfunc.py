@@ -4,8 +4,10 @@ Logged with this `model` package as code, so `mlflow.pyfunc.load_model(...)` nee
 installed libraries, not the pipeline. Input rows: `image` (base64 PNG/JPEG, optionally as a
 `data:` URL), `question`, optional `task` (picks the base prompt the model was tuned with).
 
-Weights come in one of two layouts (params `register.weights`): `merged` (artifact `model`,
-a full checkpoint) or `adapter` (artifacts `base` + `adapter`, merged in memory at load time).
+Weights come in one of three layouts (params `register.weights`): `merged` (artifact `model`,
+a full checkpoint), `adapter` (artifacts `base` + `adapter`, merged in memory at load time) or
+`reference` (artifact `weights_ref`: where the tuned checkpoint is on the DVC remote and its
+hashes; `medrega.weights.fetch` fetches and verifies it before anything is built from it).
 They are placed as evaluation places them (model.infer.placement): `dtype` and `device_map` come
 from the model config MLflow passes to `load_context`, logged from the training profile and
 overridden by whoever loads it (`medrega serve` and `predict` pass the active profile's).
@@ -108,10 +110,15 @@ def placement_of(model_config: dict | None) -> dict:
 
 
 def load_generator(artifacts: dict[str, str], model_config: dict | None = None):
-    """A Generator from either weight layout, placed per `placement_of(model_config)`."""
+    """A Generator from any of the weight layouts, placed per `placement_of(model_config)`."""
     from model.infer import Generator, check_placed, placement
 
     where = placement_of(model_config)
+    if "weights_ref" in artifacts:
+        from medrega import weights
+
+        reference = json.loads(Path(artifacts["weights_ref"]).read_text(encoding="utf-8"))
+        return Generator.from_pretrained(weights.fetch(reference), **where)
     if "adapter" in artifacts:
         from peft import PeftModel
         from transformers import InternVLForConditionalGeneration

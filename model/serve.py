@@ -262,124 +262,95 @@ def _error(status: int, code: str, message: str, headers: dict | None = None):
     return JSONResponse({"error_code": code, "message": message}, status_code=status, headers=headers)
 
 
-def create_app(python_model, limits: ServeConfig, stopping: threading.Event | None = None):
-    """A Starlette app around a loaded MedRegAModel (anything with `answer(df, params, limits,
-    should_stop)`)."""
+async def read_body(request, limits: ServeConfig) -> bytes:
+    """The body, bounded in size (Content-Length first, then while streaming) and in time."""
+    too_large = HTTPError(413, f"the request body is larger than {limits.max_body_bytes / (1024 * 1024):g} MiB",
+                          "REQUEST_TOO_LARGE", {"Connection": "close"})
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
+        raise too_large
+    chunks, size = [], 0
+
+    async def receive_all():
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limits.max_body_bytes:
+                chunks.append(chunk)
+            elif size > 2 * limits.max_body_bytes:
+                break
+            # past the limit, read on (discarding, up to twice the limit) so that the client
+            # can read our answer instead of a connection reset
+
+    try:
+        await asyncio.wait_for(receive_all(), timeout=limits.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
+                        "REQUEST_TIMEOUT", {"Connection": "close"}) from None
+    if size > limits.max_body_bytes:
+        raise too_large
+    return b"".join(chunks)
+
+
+def parse_frame(body: bytes, limits: ServeConfig):
     import pandas as pd
+
+    rows, params = parse_body(body, limits)
+    return pd.DataFrame(rows, columns=[c for c in COLUMNS if any(c in row for row in rows)]), params
+
+
+async def watch_disconnect(request, job: Job) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            job.client_gone.set()
+            return
+
+
+def _stopped_error(job: Job, limits: ServeConfig, stopping: threading.Event) -> HTTPError:
+    """Why a generation stopped early, as the answer to its client."""
+    if stopping.is_set():
+        return HTTPError(503, "the server is shutting down", "TEMPORARILY_UNAVAILABLE")
+    if job.client_gone.is_set():
+        return HTTPError(499, "the client closed the connection", "CLIENT_CLOSED_REQUEST")
+    return HTTPError(504, f"generation stopped at the {limits.deadline_s:g} s deadline "
+                          "(ask for fewer max_new_tokens or fewer rows)", "DEADLINE_EXCEEDED")
+
+
+def error_handlers() -> dict:
+    """Every failure as a short JSON body: no trace, no path, no request data."""
     from mlflow.exceptions import MlflowException
-    from starlette.applications import Starlette
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException
-    from starlette.requests import ClientDisconnect, Request
-    from starlette.responses import JSONResponse
-    from starlette.routing import Route
+    from starlette.requests import ClientDisconnect
 
-    from model.infer import Stopped
-
-    stopping = stopping or threading.Event()
-    pool = Pool(limits)
-
-    async def read_body(request: Request) -> bytes:
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > limits.max_body_bytes):
-            raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes / (1024 * 1024):g} MiB",
-                            "REQUEST_TOO_LARGE", {"Connection": "close"})
-        chunks, size = [], 0
-
-        async def receive_all():
-            nonlocal size
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size <= limits.max_body_bytes:
-                    chunks.append(chunk)
-                elif size > 2 * limits.max_body_bytes:
-                    break
-                # past the limit, read on (discarding, up to twice the limit) so that the client
-                # can read our answer instead of a connection reset
-
-        try:
-            await asyncio.wait_for(receive_all(), timeout=limits.body_timeout_s)
-        except asyncio.TimeoutError:
-            raise HTTPError(408, f"the request body did not arrive within {limits.body_timeout_s:g} s",
-                            "REQUEST_TIMEOUT", {"Connection": "close"}) from None
-        if size > limits.max_body_bytes:
-            raise HTTPError(413, f"the request body is larger than {limits.max_body_bytes / (1024 * 1024):g} MiB",
-                            "REQUEST_TOO_LARGE", {"Connection": "close"})
-        return b"".join(chunks)
-
-    def parse_frame(body: bytes):
-        rows, params = parse_body(body, limits)
-        return pd.DataFrame(rows, columns=[c for c in COLUMNS if any(c in row for row in rows)]), params
-
-    async def watch_disconnect(request: Request, job: Job) -> None:
-        while True:
-            message = await request.receive()
-            if message["type"] == "http.disconnect":
-                job.client_gone.set()
-                return
-
-    async def invocations(request: Request):
-        check_content_type(request.headers.get("content-type"))
-        if stopping.is_set():
-            raise HTTPError(503, "the server is shutting down", "TEMPORARILY_UNAVAILABLE")
-        pool.admit()
-        try:
-            job = Job(limits.deadline_s, stopping)
-            body = await read_body(request)
-            frame, params = await run_in_threadpool(parse_frame, body)
-            del body
-            watcher = asyncio.ensure_future(watch_disconnect(request, job))
-            try:
-                result = await pool.run(lambda: python_model.answer(frame, params, limits=limits,
-                                                                    should_stop=job.should_stop), job)
-            except Stopped:
-                if stopping.is_set():
-                    raise HTTPError(503, "the server is shutting down", "TEMPORARILY_UNAVAILABLE") from None
-                if job.client_gone.is_set():
-                    raise HTTPError(499, "the client closed the connection", "CLIENT_CLOSED_REQUEST") from None
-                raise HTTPError(504, f"generation stopped at the {limits.deadline_s:g} s deadline "
-                                     "(ask for fewer max_new_tokens or fewer rows)", "DEADLINE_EXCEEDED") from None
-            finally:
-                watcher.cancel()
-        finally:
-            pool.release()
-        return JSONResponse({"predictions": result.to_dict("records")})
-
-    async def health(request: Request):
-        return JSONResponse({"status": "stopping" if stopping.is_set() else "ok",
-                             "running": pool.running, "admitted": pool.admitted})
-
-    async def on_http_error(request: Request, err: HTTPError):
+    async def on_http_error(request, err: HTTPError):
         return _error(err.status, err.code, err.message, err.headers)
 
-    async def on_mlflow_error(request: Request, err: MlflowException):
+    async def on_mlflow_error(request, err: MlflowException):
         status = err.get_http_status_code()
         if status >= 500:
             log.error("model error on %s", request.url.path, exc_info=err)
             return _error(500, "INTERNAL_ERROR", "internal error")
         return _error(status, err.error_code, _short(err.message))
 
-    async def on_starlette_error(request: Request, err: HTTPException):
+    async def on_starlette_error(request, err: HTTPException):
         messages = {404: "not found (POST /invocations, GET /ping, GET /health)", 405: "method not allowed"}
         return _error(err.status_code, "NOT_FOUND" if err.status_code == 404 else "BAD_REQUEST",
                       messages.get(err.status_code, "bad request"), getattr(err, "headers", None))
 
-    async def on_client_gone(request: Request, err: ClientDisconnect):
+    async def on_client_gone(request, err: ClientDisconnect):
         return _error(499, "CLIENT_CLOSED_REQUEST", "the client closed the connection")
 
-    async def on_unexpected(request: Request, err: Exception):  # Starlette re-raises it to uvicorn's log
+    async def on_unexpected(request, err: Exception):  # Starlette re-raises it to uvicorn's log
         return _error(500, "INTERNAL_ERROR", "internal error")
 
-    app = Starlette(
-        routes=[Route("/invocations", invocations, methods=["POST"]),
-                Route("/ping", health, methods=["GET"]), Route("/health", health, methods=["GET"])],
-        exception_handlers={HTTPError: on_http_error, MlflowException: on_mlflow_error,
-                            HTTPException: on_starlette_error, ClientDisconnect: on_client_gone,
-                            Exception: on_unexpected},
-    )
+    return {HTTPError: on_http_error, MlflowException: on_mlflow_error, HTTPException: on_starlette_error,
+            ClientDisconnect: on_client_gone, Exception: on_unexpected}
 
-    async def bounded_headers(scope, receive, send):
-        # uvicorn bounds only headers that arrive in pieces; one read can carry far more
+
+def bounded_headers(app, limits: ServeConfig):
+    """ASGI middleware: uvicorn bounds only headers that arrive in pieces; one read can carry far more."""
+    async def middleware(scope, receive, send):
         if scope["type"] == "http":
             size = len(scope.get("raw_path") or b"") + sum(len(k) + len(v) + 4 for k, v in scope["headers"])
             if size > limits.max_header_bytes:
@@ -389,7 +360,50 @@ def create_app(python_model, limits: ServeConfig, stopping: threading.Event | No
                 return await response(scope, receive, send)
         return await app(scope, receive, send)
 
-    return bounded_headers
+    return middleware
+
+
+def create_app(python_model, limits: ServeConfig, stopping: threading.Event | None = None):
+    """A Starlette app around a loaded MedRegAModel (anything with `answer(df, params, limits,
+    should_stop)`)."""
+    from starlette.applications import Starlette
+    from starlette.concurrency import run_in_threadpool
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+
+    from model.infer import Stopped
+
+    stopping = stopping or threading.Event()
+    pool = Pool(limits)
+
+    async def invocations(request):
+        check_content_type(request.headers.get("content-type"))
+        if stopping.is_set():
+            raise HTTPError(503, "the server is shutting down", "TEMPORARILY_UNAVAILABLE")
+        pool.admit()
+        try:
+            job = Job(limits.deadline_s, stopping)
+            frame, params = await run_in_threadpool(parse_frame, await read_body(request, limits), limits)
+            watcher = asyncio.ensure_future(watch_disconnect(request, job))
+            try:
+                result = await pool.run(lambda: python_model.answer(frame, params, limits=limits,
+                                                                    should_stop=job.should_stop), job)
+            except Stopped:
+                raise _stopped_error(job, limits, stopping) from None
+            finally:
+                watcher.cancel()
+        finally:
+            pool.release()
+        return JSONResponse({"predictions": result.to_dict("records")})
+
+    async def health(request):
+        return JSONResponse({"status": "stopping" if stopping.is_set() else "ok",
+                             "running": pool.running, "admitted": pool.admitted})
+
+    app = Starlette(routes=[Route("/invocations", invocations, methods=["POST"]),
+                            Route("/ping", health, methods=["GET"]), Route("/health", health, methods=["GET"])],
+                    exception_handlers=error_handlers())
+    return bounded_headers(app, limits)
 
 
 def _short(message: str, limit: int = 300) -> str:

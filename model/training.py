@@ -2,8 +2,9 @@
 
 The recipes (`model/recipes/`) read top to bottom and call these. A run's checkpoints live in
 `out_dir/checkpoints`; a re-run with the same inputs (the fingerprint) resumes from the last one,
-optimizer, scheduler and ZeRO-3 state included; different inputs start clean. The result is
-written beside them under its final name only once complete.
+optimizer, scheduler and ZeRO-3 state included, under the same world size or another one
+(model/resume.py); different inputs start clean. The result is written beside them under its
+final name only once complete.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import os
 import shutil
 from collections.abc import Iterable
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from medrega import io
 from medrega.config import DeepSpeedConfig, LoraConfig, ModelConfig, TrainingConfig
+from model import resume
 from model.data import Collator, InstructionDataset
 from model.processor import MedRegAProcessor
 
@@ -31,6 +34,24 @@ WEIGHT_FILES = {"config.json", "generation_config.json", "adapter_config.json"}
 def world() -> tuple[int, int]:
     """(rank, world size) of this process, from torchrun's environment."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(backend: str | None, timeout_s: int) -> None:
+    """Join the process group now, with a bounded timeout: a peer that died or never came makes
+    every collective fail after `timeout_s` instead of hanging. (The Trainer would join it later,
+    with `ddp_timeout` on GPUs only; it and DeepSpeed reuse a group that exists.)"""
+    if world()[1] <= 1 or torch.distributed.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    torch.distributed.init_process_group(backend=backend or ("nccl" if cuda else "gloo"),
+                                         timeout=timedelta(seconds=timeout_s))
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def load_model(model_dir: Path, cfg: ModelConfig) -> InternVLForConditionalGeneration:
@@ -67,11 +88,14 @@ def deepspeed_config(ds: DeepSpeedConfig) -> dict[str, Any]:
         "overlap_comm": False,
         "contiguous_gradients": True,
         "reduce_bucket_size": "auto",
-        "stage3_prefetch_bucket_size": "auto",
-        "stage3_param_persistence_threshold": "auto",
-        # One consolidated 16-bit state dict on save, so the output loads without DeepSpeed.
-        "stage3_gather_16bit_weights_on_model_save": True,
     }
+    if ds.zero_stage == 3:  # the Trainer fills these "auto"s for ZeRO-3 only; left "auto" they fail
+        zero.update({
+            "stage3_prefetch_bucket_size": "auto",
+            "stage3_param_persistence_threshold": "auto",
+            # One consolidated 16-bit state dict on save, so the output loads without DeepSpeed.
+            "stage3_gather_16bit_weights_on_model_save": True,
+        })
     if ds.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
     if ds.offload_params and ds.zero_stage == 3:
@@ -96,19 +120,18 @@ def prepare_checkpoint_dir(ckpt_dir: Path, run_parts: tuple, is_main: bool) -> s
             shutil.rmtree(ckpt_dir)
         ckpt_dir.mkdir(parents=True, exist_ok=True)
         marker.write_text(run_id)
-        # A kill during a save leaves a checkpoint without its trainer state (written last):
-        # resuming from it would crash, so it goes and the one before it is used.
+        # A kill during a save leaves a checkpoint without its layout (written after the
+        # Trainer's files): resuming from it would crash, so it goes and the one before is used.
         for partial in ckpt_dir.glob("checkpoint-*"):
-            if not (partial / "trainer_state.json").exists():
+            if not (partial / resume.LAYOUT_FILE).exists():
                 shutil.rmtree(partial)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
     return get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.exists() else None
 
 
 def training_arguments(cfg: TrainingConfig, ckpt_dir: Path, *, seed: int, run_name: str,
                        deepspeed: dict | None = None, ddp_backend: str | None = None,
-                       report_to: list[str] | None = None) -> TrainingArguments:
+                       report_to: list[str] | None = None, comm_timeout_s: int = 1800) -> TrainingArguments:
     cuda = torch.cuda.is_available()
     return TrainingArguments(
         output_dir=str(ckpt_dir),
@@ -129,6 +152,7 @@ def training_arguments(cfg: TrainingConfig, ckpt_dir: Path, *, seed: int, run_na
         train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         use_cpu=not cuda,
         ddp_backend=ddp_backend if world()[1] > 1 else None,
+        ddp_timeout=comm_timeout_s,
         deepspeed=deepspeed,
         remove_unused_columns=False,
         dataloader_num_workers=cfg.dataloader_num_workers,
@@ -150,10 +174,13 @@ def finished_state(last: str | None, max_steps: int) -> dict | None:
 
 def train(model, dataset: InstructionDataset, processor: MedRegAProcessor, cfg: TrainingConfig, *,
           stage: str, mode: str, run_id: tuple, out_dir: Path, result: str, seed: int,
-          deepspeed: dict | None = None, ddp_backend: str | None = None, callbacks: list | None = None) -> dict:
-    """Train (resuming when a checkpoint of the same run exists) and publish the weights as
-    `out_dir/<result>` with the processor; returns the summary written to train_summary.json."""
+          deepspeed: dict | None = None, ddp_backend: str | None = None, comm_timeout_s: int = 1800,
+          allow_inexact_resume: bool = False, callbacks: list | None = None) -> dict:
+    """Train (resuming when a checkpoint of the same run exists, under this world size or
+    another) and publish the weights as `out_dir/<result>` with the processor; returns the
+    summary written to train_summary.json."""
     rank, world_size = world()
+    init_distributed(ddp_backend, comm_timeout_s)
     last = prepare_checkpoint_dir(out_dir / "checkpoints", run_id, rank == 0)
     final = out_dir / result
     partial = final.with_name(final.name + ".partial")
@@ -167,17 +194,24 @@ def train(model, dataset: InstructionDataset, processor: MedRegAProcessor, cfg: 
         # from its final checkpoint would take one step past max_steps.)
         summary = {**base, "zero_stage": None, "global_step": done["global_step"], "log_history": done["log_history"]}
         if rank == 0:
-            partial.mkdir(parents=True)
-            for f in Path(last).iterdir():
-                if f.suffix == ".safetensors" or f.name in WEIGHT_FILES:
-                    shutil.copy2(f, partial / f.name)
-            publish(processor, partial, final, out_dir, summary)
+            publish_checkpoint(Path(last), processor, partial, final, out_dir, summary)
         return summary
 
+    # every rank plans from the same files, so a refusal stops all of them alike
+    zero_stage = deepspeed["zero_optimization"]["stage"] if deepspeed else None
+    run_plan = resume.plan(last, cfg, world_size, zero_stage, allow_inexact_resume)
+    if run_plan.convert:
+        if rank == 0:
+            resume.to_universal(Path(last), run_plan.saved, world_size)
+        barrier()
+        deepspeed = {**deepspeed, "checkpoint": {"load_universal": True}}
+    cfg = cfg.model_copy(update={"per_device_batch_size": run_plan.layout.per_device_batch_size,
+                                 "gradient_accumulation_steps": run_plan.layout.gradient_accumulation_steps})
     args = training_arguments(cfg, out_dir / "checkpoints", seed=seed, run_name=stage, deepspeed=deepspeed,
-                              ddp_backend=ddp_backend)
+                              ddp_backend=ddp_backend, comm_timeout_s=comm_timeout_s)
     trainer = Trainer(model=model, args=args, train_dataset=dataset,
-                      data_collator=Collator(processor.tokenizer.pad_token_id), callbacks=callbacks)
+                      data_collator=Collator(processor.tokenizer.pad_token_id),
+                      callbacks=[*(callbacks or []), resume.RecordLayout(run_plan.layout)])
     outcome = trainer.train(resume_from_checkpoint=last)
     trainer.save_model(str(partial))  # gathers ZeRO-3 shards; rank 0 writes
     summary = {
@@ -188,11 +222,22 @@ def train(model, dataset: InstructionDataset, processor: MedRegAProcessor, cfg: 
         "global_step": outcome.global_step,
         "train_loss": outcome.training_loss,
         **{k: v for k, v in outcome.metrics.items() if isinstance(v, (int, float))},
+        **run_plan.summary(),
         "log_history": trainer.state.log_history,
     }
     if trainer.is_world_process_zero():
         publish(processor, partial, final, out_dir, summary)
     return summary
+
+
+def publish_checkpoint(checkpoint: Path, processor: MedRegAProcessor, partial: Path, final: Path, out_dir: Path,
+                       summary: dict) -> None:
+    """Publish the weights a finished checkpoint holds."""
+    partial.mkdir(parents=True)
+    for f in checkpoint.iterdir():
+        if f.suffix == ".safetensors" or f.name in WEIGHT_FILES:
+            shutil.copy2(f, partial / f.name)
+    publish(processor, partial, final, out_dir, summary)
 
 
 def publish(processor: MedRegAProcessor, partial: Path, final: Path, out_dir: Path, summary: dict) -> None:

@@ -5,7 +5,11 @@ task, language, modality, setting), `metrics.json` (headline figures, read by
 `dvc metrics show`), `breakdown.json` (every figure by language, modality and setting) and
 `report.html` (tables, IoU distribution, name confusions, a gallery of drawn boxes).
 `breakdown.json` also holds, under "release", the figures the authors' released evaluators
-print on the same answers (`medrega.metrics.release`, their keys), beside ours.
+print on the same answers (`medrega.metrics.release`, their keys), beside ours; their numeric
+headline is in `metrics.json` under "release" (`{task: {setting or lang: {their key: value}}}`),
+in the MLflow run as `release/<task>/<setting or lang>/<key>` and in the model card. Every other
+figure is ours (protocol `medrega`). Under "measured_on": what the figures were measured on
+(settings, sample counts, test-item hashes).
 
 Answers are generated in this process, or (`evaluate.launcher`) on every rank of a torchrun or
 Slurm launch, each rank a deterministic share of the batches (model/recipes/generate.py), merged
@@ -31,9 +35,9 @@ from medrega import io, tracking
 from medrega.config import Config, EvaluateConfig
 from medrega.errors import BadInput
 from medrega.metrics import html, plugins
-from medrega.metrics.release import release_block
+from medrega.metrics.release import PROTOCOL as RELEASE, release_block, release_headline
 from medrega.metrics.report import find_wordnet
-from medrega.metrics.scoring import TASKS, Scorer, headline, model_texts, score_samples, summarise
+from medrega.metrics.scoring import PROTOCOL, TASKS, Scorer, headline, model_texts, score_samples, summarise
 from medrega.vocab import names_match, names_match_lenient
 from model.data import iter_records
 from model.infer import Generator, Query
@@ -61,6 +65,24 @@ def test_items(meta_test: Path, tasks: list[str], max_per_task: int, seed: int =
                     **{k: record.get(k) for k in ("task", "lang", "modality", "setting", "answer_type")},
                 })
     return items
+
+
+# what, besides the image, decides a test item's figures: the model's input and the reference
+ITEM_KEYS = ("id", "task", "lang", "modality", "setting", "answer_type", "question", "base_prompt",
+             "ground_truth", "width", "height")
+
+
+def measured_on(items: list[dict[str, Any]], cfg: EvaluateConfig) -> dict[str, Any]:
+    """What the figures are measured on, so the registry compares only like with like: the
+    settings that change a figure, and per task the sample count and a hash of the test items
+    (their text and image bytes, not their paths: the same split hashes alike on any machine)."""
+    tasks: dict[str, Any] = {}
+    for task in dict.fromkeys(item["task"] for item in items):
+        rows = [item for item in items if item["task"] == task]
+        parts = [part for item in rows for part in ({k: item.get(k) for k in ITEM_KEYS}, Path(item["image"]))]
+        tasks[task] = {"n": len(rows), "items": io.content_hash(*parts)}
+    return {"protocol": PROTOCOL, "iou_threshold": cfg.iou_threshold, "name_match": cfg.name_match,
+            "max_new_tokens": cfg.max_new_tokens, "tasks": tasks}
 
 
 def scorer(cfg: EvaluateConfig) -> Scorer:
@@ -108,21 +130,26 @@ def download(uri: str, dst: Path) -> Path:
 
 
 def pyfunc_weights(folder: Path, work: Path) -> Path:
-    """The weights inside a logged MedRegA pyfunc model: the merged checkpoint, or base + LoRA
-    adapter merged once into `work/merged` (what the served model does in memory)."""
+    """The weights of a logged MedRegA pyfunc model: the merged checkpoint, the referenced one
+    (fetched from the DVC remote and verified), or base + LoRA adapter merged once into
+    `work/merged` (what the served model does in memory)."""
     import yaml
 
     flavor = (yaml.safe_load((folder / "MLmodel").read_text()).get("flavors") or {}).get("python_function") or {}
     artifacts = {name: folder / entry["path"] for name, entry in (flavor.get("artifacts") or {}).items()}
     if "model" in artifacts:
         return artifacts["model"]
+    if "weights_ref" in artifacts:
+        from medrega import weights
+
+        return weights.fetch(json.loads(artifacts["weights_ref"].read_text(encoding="utf-8")))
     if {"base", "adapter"} <= set(artifacts):
         from tasks.tune import merge_adapter
 
         merge_adapter(artifacts["base"], artifacts["adapter"], work / "merged")
         return work / "merged"
     raise BadInput(f"{folder / 'MLmodel'}: not a MedRegA model (its artifacts are {sorted(artifacts) or 'none'}; "
-                   "expected 'model', or 'base' and 'adapter')")
+                   "expected 'model', 'weights_ref', or 'base' and 'adapter')")
 
 
 def generate_answers(items: list[dict[str, Any]], model_dir: Path, out_dir: Path, config: Config) -> list[str]:
@@ -155,6 +182,7 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, config: Con
     loaded = plugins.load_plugins(cfg.plugins)  # a requested plug-in that cannot load fails before anything
     tasks = [t for t in (cfg.tasks or config.materialize.tasks) if t in TASKS]
     items = test_items(Path(instructions_dir) / "meta_test.json", tasks, cfg.max_samples_per_task, config.seed)
+    measured = measured_on(items, cfg)
     with tracking.stage_run("evaluate", {"evaluate": cfg}):
         import mlflow
 
@@ -169,11 +197,14 @@ def evaluate(instructions_dir: Path, model_dir: Path, out_dir: Path, config: Con
         metrics = summarise(samples, s, plugins.compute(loaded, model_texts(items)))
         flat = headline(metrics)
         metrics["release"] = release_block(items, wordnet=s.wordnet, bertscore=loaded.get("bertscore"))
+        flat[RELEASE] = release_headline(metrics["release"])  # beside ours, never mixed in: its own key
+        metrics["measured_on"] = measured  # read by register: the promotion gate compares like with like
         io.write_jsonl(out_dir / "answers.jsonl", items)
         io.write_json(out_dir / "breakdown.json", metrics)
         io.write_json(out_dir / "metrics.json", flat)
         io.write_text(out_dir / "report.html", html.render(metrics, items, samples, gallery=cfg.gallery))
-        tracking.log_task_metrics(flat)
+        tracking.log_task_metrics({task: m for task, m in flat.items() if task != RELEASE})
+        tracking.log_release_metrics(flat[RELEASE])
         names = ["answers.jsonl", "breakdown.json", "report.html"]
         if model_ref and compare(out_dir, cfg.out, model_ref):
             names.append("comparison.json")

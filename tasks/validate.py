@@ -146,7 +146,7 @@ def _check(data_root: Path, cfg: ValidateConfig, docs_dir: Path) -> tuple[int, i
     try:
         images, masks = build_frames(data_root, cfg)
     except IndexUnreadable as err:
-        return 0, 0, [], [{"file": err.file, "image": None, "rule": R_INDEX, "detail": err.detail}], None
+        return 0, 0, [], [{"file": err.file, "image": None, "rule": err.rule or R_INDEX, "detail": err.detail}], None
     suites = {"images": (gx.numbered(images), image_rules(cfg)), "masks": (gx.numbered(masks), mask_rules(cfg))}
     results, hits, docs = gx.run(suites, "samed2d", docs_dir)
     failures = [{"file": h.suite, "image": None, "rule": h.rule, "detail": h.detail} if h.row is None else

@@ -97,6 +97,28 @@ def test_task_mixes_choose_among_the_materialized_tasks(tmp_path):
         config.resolve(write(tmp_path, data))
 
 
+@pytest.mark.parametrize("gate, words", [
+    ("grounded.align_accuracy", "'grounded.align_accuracy': evaluation produces no such figure (did you mean "
+                                "grounded.align_recall, grounded.align_f1"),
+    ("t2r.fr.region_f1", "no such figure"),             # a language materialize does not build
+    ("t2r.n", "no such figure"),                        # a count is not a quality figure
+    ("vqa.closed_accuracy", "task 'vqa' is not evaluated"),
+])
+def test_gate_names_are_checked_against_what_evaluation_produces(tmp_path, gate, words):
+    data = raw()
+    data["evaluate"]["tasks"] = ["t2r", "r2t", "grounded"]
+    data["register"]["gate"]["metrics"] = ["t2r.acc_at_0.5", "r2t.zh.accuracy", gate]
+    with pytest.raises(ConfigError) as info:
+        config.resolve(write(tmp_path, data))
+    assert "register.gate.metrics[2]" in str(info.value) and words in str(info.value)
+
+
+def test_weights_by_reference_for_the_real_checkpoint_profile_only():
+    profiles = config.profiles(REPO / "params.yaml")
+    assert profiles["h800-cluster"].register_.weights == "reference"
+    assert profiles["tiny"].register_.weights == "merged"  # the embedded default stays self-contained
+
+
 def test_defaults_live_in_the_schema(tmp_path):
     cfg = config.resolve(write(tmp_path, {"seed": 3}))
     assert cfg.seed == 3 and cfg.materialize.shard_size == config.MaterializeConfig().shard_size

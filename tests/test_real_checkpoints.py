@@ -38,12 +38,13 @@ REPLICA = "replicas/internvl-chat-v1-2"  # where the profile's model.checkpoint 
 T2R = "Could you specify the corner points for a bounding box surrounding <ref>liver</ref>?"
 # the shipped profile, cut down further: the region tasks only, answers of two tokens (two boxes)
 LEAN = {"data": {"package_scans": False}, "materialize": {"tasks": ["caption", "r2t", "t2r"]},
-        "evaluate": {"tasks": ["r2t", "t2r"], "max_new_tokens": 2}}
+        "evaluate": {"tasks": ["r2t", "t2r"], "max_new_tokens": 2},
+        "register": {"gate": {"metrics": ["t2r.region_f1", "r2t.accuracy"]}}}  # gate figures must be evaluated
 
 
 def env_for(ws: Path) -> dict[str, str]:
-    # the workspace's copy of the code is what runs; dvc.yaml's `resolve` stage reads the profile here
-    return {**isolated_env(ws), "PYTHONPATH": str(ws), "MEDREGA_PROFILE": PROFILE}
+    # the workspace's copy of the code is what runs (dvc.yaml's scripts/medrega: with this interpreter)
+    return {**isolated_env(ws), "PYTHONPATH": str(ws), "MEDREGA_PYTHON": sys.executable}
 
 
 def medrega(ws: Path, *args: str, timeout: int = 1200) -> subprocess.CompletedProcess:
@@ -58,6 +59,7 @@ def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     params = yaml.safe_load((ws / "params.yaml").read_text())
     assert params["profiles"][PROFILE]["model"]["checkpoint"] == REPLICA  # the shipped profile, as users get it
     params["profiles"][PROFILE] = deep_merge(params["profiles"][PROFILE], LEAN)
+    params["profile"] = PROFILE  # what `dvc repro` resolves (its resolve stage reads the file alone)
     (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     # `dvc repro` runs every stage's dvc.yaml command, as `medrega pipeline` does through Prefect
     # (tests/test_pipeline.py proves the flow; its server would only add start-up time here)

@@ -21,38 +21,103 @@ import pytest
 import yaml
 from PIL import Image
 
-from medrega.registry import compare, version_metrics
+from medrega.registry import Evidence, compare, measured_tags, version_evidence, version_metrics
 from model.pyfunc import BadInput, decode_image
-from tests.servers import free_port, stop, wait_http
+from tests.servers import FaultyProxy, free_port, stop, wait_http
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-GATES = ["t2r.region_f1", "t2r.en.region_f1", "r2t.accuracy", "grounded.align_accuracy"]
+GATES = ["t2r.region_f1", "t2r.en.region_f1", "r2t.accuracy", "grounded.align_f1"]
+# what evaluate records in breakdown.json's `measured_on`, as registration tags it
+MEASURED = {"protocol": "medrega", "iou_threshold": 0.5, "name_match": "strict", "max_new_tokens": 128,
+            "tasks": {"t2r": {"n": 40, "items": "a" * 64}, "r2t": {"n": 40, "items": "b" * 64}}}
+
+
+def evidence(figures: dict, measured: dict | None = MEASURED) -> Evidence:
+    return version_evidence({**{f"metric.{k}": str(v) for k, v in figures.items()},
+                             **(measured_tags(measured) if measured else {})})
+
+
+def remeasured(**changes) -> dict:
+    """MEASURED with settings or per-task records changed (`r2t={"n": 4}`)."""
+    out = {**MEASURED, "tasks": {t: dict(m) for t, m in MEASURED["tasks"].items()}}
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            out["tasks"][key].update(value)
+        else:
+            out[key] = value
+    return out
 
 
 # -- the promotion rule ----------------------------------------------------------------------
 
 def test_first_version_becomes_champion():
-    decision = compare({"t2r.region_f1": 0.1}, None, GATES, 0.01)
+    decision = compare(evidence({"t2r.region_f1": 0.1}), None, GATES, 0.01)
     assert decision.promote and "first version" in decision.reason
 
 
 def test_promotes_within_tolerance_and_ignores_unmeasured():
-    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
-    new = {"t2r.region_f1": 0.295, "t2r.en.region_f1": 0.40, "r2t.accuracy": 0.6}
+    old = evidence({"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5})
+    new = evidence({"t2r.region_f1": 0.295, "t2r.en.region_f1": 0.40, "r2t.accuracy": 0.6})
     decision = compare(new, old, GATES, 0.01)
     assert decision.promote, decision.reason
     status = {r.metric: r.status for r in decision.rows}
     assert status == {"t2r.region_f1": "ok", "t2r.en.region_f1": "ok", "r2t.accuracy": "ok",
-                      "grounded.align_accuracy": "not measured"}
+                      "grounded.align_f1": "not measured"}
 
 
 def test_refuses_any_regressed_or_missing_gate():
-    old = {"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5}
-    new = {"t2r.region_f1": 0.50, "t2r.en.region_f1": 0.20}
+    old = evidence({"t2r.region_f1": 0.30, "t2r.en.region_f1": 0.30, "r2t.accuracy": 0.5})
+    new = evidence({"t2r.region_f1": 0.50, "t2r.en.region_f1": 0.20})
     decision = compare(new, old, GATES, 0.01)
-    assert not decision.promote
+    assert not decision.promote and decision.comparable
     assert decision.regressed == ["t2r.en.region_f1", "r2t.accuracy"]
+
+
+def test_figures_on_other_sample_counts_are_not_comparable():
+    # the finding: a 20-sample accuracy of 0.95 was refused against a 4-sample 1.0
+    old = evidence({"r2t.accuracy": 1.0, "t2r.region_f1": 0.3}, remeasured(r2t={"n": 4, "items": "c" * 64}))
+    new = evidence({"r2t.accuracy": 0.95, "t2r.region_f1": 0.3}, remeasured(r2t={"n": 20}))
+    decision = compare(new, old, ["r2t.accuracy", "t2r.region_f1"], 0.01)
+    assert not decision.promote and not decision.comparable
+    rows = {r.metric: r for r in decision.rows}
+    assert rows["r2t.accuracy"].status == "not comparable" and "r2t.n 20 vs 4" in rows["r2t.accuracy"].note
+    assert "r2t.items differ" in rows["r2t.accuracy"].note
+    assert rows["t2r.region_f1"].status == "ok"  # the t2r figures were measured alike
+    assert decision.reason.startswith("not comparable: r2t figures measured differently")
+    assert "regressed" not in decision.reason  # 0.95 vs 1.0 is not read as a regression
+
+
+@pytest.mark.parametrize("changed, words", [
+    (remeasured(iou_threshold=0.75), "iou_threshold 0.75 vs 0.5"),
+    (remeasured(name_match="lenient"), "name_match lenient vs strict"),
+    (remeasured(protocol="release"), "protocol release vs medrega"),
+    (remeasured(t2r={"items": "d" * 64}), "t2r.items differ"),
+    (None, "the challenger does not record"),
+])
+def test_any_difference_in_how_figures_were_measured_is_named(changed, words):
+    decision = compare(evidence({"t2r.region_f1": 0.5}, changed), evidence({"t2r.region_f1": 0.3}),
+                       ["t2r.region_f1"], 0.01)
+    assert not decision.promote and decision.rows[0].status == "not comparable"
+    assert words in decision.reason
+
+
+def test_measured_on_hashes_test_items_by_content_not_place(tmp_path):
+    from medrega.config import EvaluateConfig
+    from tasks.evaluate import measured_on
+
+    def items(root: Path, pixels: bytes = b"\x89PNG one") -> list[dict]:
+        root.mkdir(exist_ok=True)
+        (root / "a.png").write_bytes(pixels)
+        return [{"id": "a-r2t", "task": "r2t", "question": "What is <box>[[1, 2, 3, 4]]</box>?",
+                 "ground_truth": "liver", "image": str(root / "a.png"), "width": 8, "height": 8, "lang": "en"}]
+
+    cfg = EvaluateConfig()
+    here = measured_on(items(tmp_path / "here"), cfg)
+    assert here["tasks"]["r2t"]["n"] == 1 and here["iou_threshold"] == 0.5 and here["protocol"] == "medrega"
+    assert measured_on(items(tmp_path / "moved"), cfg) == here  # the same split on another machine
+    assert measured_on(items(tmp_path / "other", b"\x89PNG two"), cfg)["tasks"]["r2t"]["items"] != \
+        here["tasks"]["r2t"]["items"]  # same text, other pixels: another test set
 
 
 def test_version_metrics_reads_tags():
@@ -101,8 +166,10 @@ def test_dicom_is_read_without_identifiers(tmp_path):
 
 
 
-@pytest.fixture
-def s3(monkeypatch):
+# One S3 server and one MLflow server for the module (starting `mlflow server` is the slow part);
+# each test registers its own model name.
+@pytest.fixture(scope="module")
+def s3():
     import boto3
     from moto.server import ThreadedMotoServer
 
@@ -111,20 +178,22 @@ def s3(monkeypatch):
     server.start()
     env = {"MLFLOW_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")
-    try:
-        yield env
-    finally:
-        server.stop()
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"]).create_bucket(Bucket="mlflow")
+        try:
+            yield env
+        finally:
+            server.stop()
 
 
-@pytest.fixture
-def mlflow_server(s3, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def mlflow_server(s3, tmp_path_factory):
+    root = tmp_path_factory.mktemp("mlflow")
     port = free_port()
-    log = tmp_path / "mlflow-server.log"
-    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'registry.db'}",
+    log = root / "mlflow-server.log"
+    cmd = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'registry.db'}",
            "--artifacts-destination", "s3://mlflow/artifacts", "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]
     with log.open("w") as fh:
@@ -133,8 +202,9 @@ def mlflow_server(s3, tmp_path, monkeypatch):
     uri = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{uri}/health", proc, 120, log)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        yield uri
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_URI", uri)
+            yield uri
     finally:
         stop(proc)
 
@@ -165,14 +235,15 @@ def tiny_model(root: Path) -> tuple[Path, Path, Path, dict]:
     return merged, base, adapter, params
 
 
-def eval_dir(root: Path, name: str, region_f1: float, accuracy: float) -> Path:
+def eval_dir(root: Path, name: str, region_f1: float, accuracy: float, measured: dict = MEASURED) -> Path:
     out = root / name
     out.mkdir()
     (out / "metrics.json").write_text(json.dumps({"t2r": {"region_f1": region_f1, "acc@0.5": 0.1, "n": 4},
                                                   "r2t": {"accuracy": accuracy, "n": 4}}))
     (out / "breakdown.json").write_text(json.dumps({
         "t2r": {"by": {"by_lang": {"en": {"region_f1": region_f1}, "zh": {"region_f1": region_f1}}}},
-        "r2t": {"by": {"by_lang": {"en": {"accuracy": accuracy}, "zh": {"accuracy": accuracy}}}}}))
+        "r2t": {"by": {"by_lang": {"en": {"accuracy": accuracy}, "zh": {"accuracy": accuracy}}}},
+        "measured_on": measured}))
     return out
 
 
@@ -211,7 +282,11 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     mv = client.get_model_version("medrega", v1["version"])
     assert mv.tags["dvc.dataset"] == "datahash.dir" and mv.tags["dvc.checkpoint"] == "ckpthash.dir"
     assert mv.tags["prefect_flow_run_id"] == "flow-run-1" and "git_commit" in mv.tags
-    assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["metric.t2r.acc_at_0.5"] == "0.1"
+    assert mv.tags["metric.t2r.en.region_f1"] == "0.3" and mv.tags["measured.t2r.n"] == "40"
+    # a curated set of tags; every figure (acc@0.5 is neither a gate nor a headline) in registration.json
+    assert "metric.t2r.acc_at_0.5" not in mv.tags and len(mv.tags) < 40, sorted(mv.tags)
+    record = mlflow.artifacts.load_dict(f"runs:/{mv.run_id}/registration.json")
+    assert record["metrics"]["t2r.acc@0.5"] == 0.1 and record["measured_on"] == MEASURED
     assert "## Known limits" in mv.description and "| region_f1 |" in mv.description
     assert client.get_run(mv.run_id).data.params["tune.mode"] == params.tune.mode
     assert client.get_model_version_by_alias("medrega", "challenger").version == v2["version"]
@@ -223,13 +298,14 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
     # v1 against champion v2: better, promoted; its figures are tags on the version
     up = registry.promote(client, "medrega", GATES, 0.01, version=v1["version"])
     assert up["decision"] == "promoted" and up["previous_champion"] == v2["version"]
-    tags = client.get_model_version("medrega", v1["version"]).tags
-    assert tags["promotion.t2r.region_f1.champion"] == "0.1" and tags["promotion.t2r.region_f1.challenger"] == "0.3"
+    rows = {r["metric"]: r for r in json.loads(client.get_model_version("medrega", v1["version"]).tags["promotion.rows"])}
+    assert rows["t2r.region_f1"]["champion"] == 0.1 and rows["t2r.region_f1"]["challenger"] == 0.3
     # v2 against champion v1: refused, champion unchanged, the refusal recorded
     down = registry.promote(client, "medrega", GATES, 0.01, version=v2["version"])
     assert down["decision"] == "refused" and "t2r.region_f1" in down["reason"]
     assert client.get_model_version_by_alias("medrega", "champion").version == v1["version"]
-    assert client.get_model_version("medrega", v2["version"]).tags["promotion.t2r.region_f1.status"] == "regressed"
+    rows = {r["metric"]: r for r in json.loads(client.get_model_version("medrega", v2["version"]).tags["promotion.rows"])}
+    assert rows["t2r.region_f1"]["status"] == "regressed"
     # override needs a reason, which is recorded
     with pytest.raises(registry.PromotionError):
         registry.promote(client, "medrega", GATES, 0.01, version=v2["version"], override_reason=" ")
@@ -305,3 +381,48 @@ def test_register_promote_rollback_and_serve(mlflow_server, tmp_path, monkeypatc
         assert status == 200
     finally:
         stop(server)
+
+
+@pytest.mark.slow  # a real MLflow server and `medrega promote` (Prefect's ephemeral server): about a minute
+def test_a_registry_that_errors_fails_the_promotion_and_champion_stays(mlflow_server, tmp_path, monkeypatch):
+    """A registry that fails to answer must never read as "no such alias" (no champion yet: the
+    challenger would win outright): the promotion fails as Transient (exit 75)."""
+    import mlflow
+
+    from medrega import registry
+    from tests.conftest import tiny
+
+    name = "medrega-faulty-registry"  # the module's server is shared: a model of this test's own
+    client = mlflow.MlflowClient(mlflow_server)
+    client.create_registered_model(name)
+    versions = [client.create_model_version(name, f"s3://mlflow/artifacts/v{n}", tags={
+        **{f"metric.{gate}": str(f1) for gate in GATES[:3]}, **measured_tags(MEASURED)}).version  # t2r, r2t
+                for n, f1 in ((1, 0.3), (2, 0.5))]
+    client.set_registered_model_alias(name, "champion", versions[0])
+    client.set_registered_model_alias(name, "challenger", versions[1])
+    # the champion's alias lookup fails; everything else (the challenger's lookup first) is answered
+    proxy = FaultyProxy(mlflow_server, lambda method, path: "registered-models/alias" in path
+                        and "alias=champion" in path)
+    for key, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
+                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "30", "MLFLOW_TRACKING_URI": proxy.url}.items():
+        monkeypatch.setenv(key, value)  # MLflow's own retries bounded: the failure shows at once
+    work = tmp_path / "work"
+    work.mkdir()
+    params = tiny({"register": {"model_name": name, "gate": {"metrics": GATES}}})
+    (work / "params.yaml").write_text(yaml.safe_dump(params.as_dict()))
+    try:
+        for mode in ("drop", "503"):
+            proxy.mode = mode
+            with pytest.raises(registry.RegistryUnavailable, match="cannot read alias 'champion'"):
+                registry.promote(mlflow.MlflowClient(proxy.url), name, GATES, 0.01)
+        promoted = cli("promote", cwd=work)
+        assert promoted.returncode == 75, promoted.stdout[-2000:] + promoted.stderr[-3000:]
+        assert "cannot read alias 'champion'" in promoted.stderr
+        assert client.get_model_version_by_alias(name, "champion").version == versions[0]
+        assert "promotion.decision" not in client.get_model_version(name, versions[1]).tags
+        # the same promotion through a registry that answers: the better challenger wins
+        proxy.mode = None
+        assert registry.promote(mlflow.MlflowClient(proxy.url), name, GATES, 0.01)["decision"] == "promoted"
+        assert client.get_model_version_by_alias(name, "champion").version == versions[1]
+    finally:
+        proxy.close()

@@ -172,6 +172,26 @@ def test_every_task_broken_down_by_language_modality_and_setting():
     assert all(isinstance(v, (int, float)) for m in flat.values() for v in m.values())
 
 
+def test_figure_table_lists_exactly_what_every_task_produces(monkeypatch):
+    # gate names (checked when params load) and registry tags are read from this table: it must
+    # be what the scorer produces, no more (a gate on a phantom figure) and no less
+    from medrega.metrics import scoring
+    from medrega.metrics.figures import FIGURES
+
+    boxes = format_regions([("liver", [[10, 10, 200, 200]])])
+    items = [{"task": "t2r", "prediction": boxes, "ground_truth": boxes, "width": 64, "height": 64, "setting": "SS"},
+             {"task": "grounded", "prediction": boxes + ": normal", "ground_truth": boxes + ": normal",
+              "width": 64, "height": 64, "setting": "SS"},
+             *({"task": t, "prediction": p, "ground_truth": p} for t, p in
+               (("r2t", "liver"), ("report", "normal"), ("caption", "a scan"), ("vqa", "yes"), ("cls", "liver")))]
+    produced = headline(score_answers(items, wordnet=NoSynonyms()))
+    assert {task: set(figures) for task, figures in produced.items()} == {t: set(f) for t, f in FIGURES.items()}
+    # a figure an aggregator adds without a row in the table fails the evaluation that makes it
+    monkeypatch.setitem(scoring.FIGURES, "cls", {"n": "count", "accuracy": "score"})
+    with pytest.raises(RuntimeError, match="cls: figure.*macro_f1 missing from medrega.metrics.figures"):
+        score_answers(items[-1:])
+
+
 def test_forced_task_skips_other_tasks_and_fills_missing_ones():
     t2r = format_regions([("liver", [[10, 10, 200, 200]])])
     items = [{"prediction": t2r, "ground_truth": t2r, "width": 9, "height": 9},

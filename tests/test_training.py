@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from medrega import config
@@ -20,7 +21,7 @@ from model.launch import worker_args, worker_env
 from model.presets import build_model
 from model.tokenizer import train_tokenizer
 from model.training import apply_lora, train_only
-from tests.conftest import tiny
+from tests.conftest import BIN, isolated_env, tiny
 
 pytestmark = pytest.mark.slow
 
@@ -97,30 +98,25 @@ def run_tune(stage_inputs, out: Path, params=None):
     return tune(stage_inputs["instructions"], stage_inputs["aligned"], out, params or stage_inputs["config"])
 
 
-def test_lora_zero3_two_ranks_then_merge_matches_adapter(stage_inputs, tmp_path):
+def test_tune_command_with_a_profile_trains_that_profile_on_every_rank(stage_inputs, tmp_path):
+    """`medrega tune --profile X` resolves X once and every torchrun rank reads that resolution
+    (never params.yaml): the ranks train X's step count, and the config they read is X's."""
+    params = stage_inputs["config"].as_dict()
+    params["profiles"] = {"longer": {"tune": {"max_steps": 5, "save_steps": 5}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     out = tmp_path / "tune"
-    summary = run_tune(stage_inputs, out)
-    assert summary["global_step"] == stage_inputs["config"].tune.max_steps
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
-    log = (out / "train.log").read_text()
-    assert "--nproc-per-node=2" in log and f"--config {out / 'config.yaml'}" in log  # ranks read the stage's config
-    assert config.load_resolved(out / "config.yaml") == stage_inputs["config"]
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
-
-    # the merged model loads with plain from_pretrained and answers like base + adapter
-    from peft import PeftModel
-    from transformers import InternVLForConditionalGeneration
-
-    from model.infer import Generator, Query
-
-    data_root = stage_inputs["root"] / "data"
-    image = sorted((data_root / "images").glob("*.png"))[0]
-    queries = [Query(image, "<image>\nWhere is the <ref>liver</ref>?", None),
-               Query(image, "<image>\n这是什么结构？<box>[[100, 100, 400, 400]]</box>", None)]
-    merged = Generator.from_pretrained(out / "model")
-    base = InternVLForConditionalGeneration.from_pretrained(str(stage_inputs["aligned"] / "model"))
-    adapted = Generator(PeftModel.from_pretrained(base, str(out / "adapter")), merged.processor)
-    assert merged.generate(queries, max_new_tokens=12) == adapted.generate(queries, max_new_tokens=12)
+    env = dict(isolated_env(tmp_path), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    proc = subprocess.run([str(BIN / "medrega"), "tune", "--params", str(tmp_path / "params.yaml"), "--profile", "longer",
+                           "--instructions", str(stage_inputs["instructions"]), "--aligned", str(stage_inputs["aligned"]),
+                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((out / "train_summary.json").read_text())
+    assert stage_inputs["config"].tune.max_steps != 5
+    assert summary["global_step"] == 5 and summary["world_size"] == 2 and summary["zero_stage"] == 3
+    ranks_read = config.load_resolved(out / "config.yaml")
+    assert ranks_read.profile == "longer" and ranks_read.tune.max_steps == 5
+    assert f"--config {out / 'config.yaml'}" in (out / "train.log").read_text()
+    assert (out / "adapter" / "adapter_model.safetensors").exists() and (out / "model" / "model.safetensors").exists()
 
 
 def last_loss(summary: dict) -> tuple[int, float]:
@@ -148,7 +144,7 @@ def test_killed_tune_resumes_from_checkpoint_and_ends_at_the_same_loss(stage_inp
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args],
                             env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.time() + 600
-    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-4" / "trainer_state.json").exists():
+    while time.time() < deadline and not (out / "checkpoints" / "checkpoint-4" / "layout.json").exists():
         assert proc.poll() is None, "the run finished before it could be killed"
         time.sleep(0.2)
     os.killpg(proc.pid, signal.SIGKILL)

@@ -258,3 +258,61 @@ def test_mask_named_for_another_image_fails(dataset, tmp_path):
         (masks_b[1], img_a, "mask name parses"),
         # ...and it is now listed twice (under its own image too): it would be built twice
         (masks_b[1], img_a, "mask listed once"), (masks_b[1], img_b, "mask listed once")}
+
+
+# -- the same thing listed twice (issue 18): each an error naming the file and the rule ----------
+
+def _index_text(pairs: list[tuple[str, list[str]]]) -> str:
+    """The index as JSON text from (key, masks) pairs, so a key can be written twice."""
+    return "{\n" + ",\n".join(f"{json.dumps(k)}: {json.dumps(v)}" for k, v in pairs) + "\n}\n"
+
+
+def test_image_key_given_twice_in_the_index_fails(dataset, tmp_path):
+    root, index = dataset
+    pairs = list(index.items())
+    image = pairs[1][0]
+    (root / "SAMed2D_v1.json").write_text(_index_text(pairs + [(image, pairs[1][1])]))  # json.loads keeps one
+    exc, report = _fail(root, tmp_path / "out")
+    assert {(f["file"], f["rule"]) for f in report["failures"]} >= {(image, "image file unique")}
+    assert f"{root / image}: rule 'image file unique' failed (listed more than once in SAMed2D_v1.json)" in str(exc)
+
+
+def test_mask_listed_twice_fails(dataset, tmp_path):
+    root, index = dataset
+    image, masks = list(index.items())[2]
+    index[image] = [masks[0], masks[1], masks[0]]
+    (root / "SAMed2D_v1.json").write_text(json.dumps(index))
+    exc, report = _fail(root, tmp_path / "out")
+    assert {(f["file"], f["rule"]) for f in report["failures"]} == {(masks[0], "mask listed once")}
+    assert f"{root / masks[0]}: rule 'mask listed once' failed" in str(exc)
+
+
+def test_same_image_bytes_under_two_names_fails(dataset, tmp_path):
+    root, index = dataset
+    image, masks = next(iter(index.items()))
+    stem = f"ct_00--{DATASET}--patient900--x_0000"
+    copy = f"images/{stem}.png"
+    (root / copy).write_bytes((root / image).read_bytes())
+    copied_masks = []
+    for m in masks:  # its own masks, so only the image rule can fire
+        new = f"masks/{stem}--{m.rsplit('--', 1)[1]}"
+        (root / new).write_bytes((root / m).read_bytes())
+        copied_masks.append(new)
+    index[copy] = copied_masks
+    (root / "SAMed2D_v1.json").write_text(json.dumps(index))
+    exc, report = _fail(root, tmp_path / "out")
+    assert {(f["file"], f["rule"]) for f in report["failures"]} == {
+        (image, "image listed under one name"), (copy, "image listed under one name")}
+    assert "the same bytes are listed under another name" in str(exc)
+
+
+def test_class_mapping_key_given_twice_fails(dataset, tmp_path):
+    root, _ = dataset
+    # "liver" twice: json.loads would keep id 2 and drop id 1 without a word
+    (root / "SAMed2D_v1_class_mapping_id.json").write_text(
+        '{"SynthAbdomen": {\n  "liver": 1,\n  "spleen": 2,\n  "liver": 2\n}}\n')
+    exc, report = _fail(root, tmp_path / "out")
+    assert [(f["file"], f["rule"]) for f in report["failures"]] == [("SAMed2D_v1_class_mapping_id.json",
+                                                                       "JSON keys unique")]
+    assert "line 4: key 'liver' is given twice" in report["failures"][0]["detail"]
+    assert "SAMed2D_v1_class_mapping_id.json: rule 'JSON keys unique' failed" in str(exc)

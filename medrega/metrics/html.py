@@ -1,8 +1,10 @@
 """The evaluation report: one self-contained HTML page (images embedded as base64 PNGs).
 
 Sections: headline figures per task, the same by modality and by language, the IoU
-distribution of region tasks, the most common name confusions, and a gallery of test images
-with ground-truth (green) and predicted (red) boxes and their names.
+distribution of region tasks, the most common name confusions, a gallery of test images
+with ground-truth (green) and predicted (red) boxes and their names, and the figures the
+authors' released evaluators give on the same answers. Every table's caption names the
+protocol that made its figures: ours (`medrega`) or theirs (`release`), never mixed in one table.
 """
 from __future__ import annotations
 
@@ -20,21 +22,25 @@ from medrega.grammar import decode_box, parse_regions
 
 GT_COLOUR, PRED_COLOUR = (0, 200, 0), (230, 30, 30)
 IOU_BINS = 10
+OURS = "protocol: medrega (ours, SPEC §6; precision and recall in the standard sense)"
+THEIRS = "protocol: release (the authors' released evaluator, defects included; their keys)"
 
 
 def _fmt(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
 
-def _table(rows: dict[str, dict[str, Any]], first: str) -> str:
-    """Rows keyed by label; columns are the scalar figures of the first row."""
+def _table(rows: dict[str, dict[str, Any]], first: str, protocol: str = OURS) -> str:
+    """Rows keyed by label; columns are the scalar figures of the first row; the caption names
+    the protocol that made them."""
     if not rows:
         return "<p>none</p>"
     cols = [k for k, v in next(iter(rows.values())).items() if k not in ("by", "precision_recall_note", "protocol") and not isinstance(v, dict)]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in cols)
     body = "".join(f"<tr><th>{html.escape(str(label))}</th>" + "".join(f"<td>{_fmt(r.get(c, ''))}</td>" for c in cols) + "</tr>"
                    for label, r in rows.items())
-    return f"<table><tr><th>{html.escape(first)}</th>{head}</tr>{body}</table>"
+    return (f"<table><caption>{html.escape(protocol)}</caption><tr><th>{html.escape(first)}</th>{head}</tr>"
+            f"{body}</table>")
 
 
 def _iou_histogram(samples: list[dict]) -> str:
@@ -47,7 +53,8 @@ def _iou_histogram(samples: list[dict]) -> str:
         f"<tr><td>{b / IOU_BINS:.1f}–{(b + 1) / IOU_BINS:.1f}</td><td>{counts[b]}</td>"
         f"<td><div class=bar style='width:{300 * counts[b] / top:.0f}px'></div></td></tr>"
         for b in range(IOU_BINS))
-    return f"<table><tr><th>sample IoU</th><th>samples</th><th></th></tr>{rows}</table>"
+    return (f"<table><caption>{html.escape(OURS)}</caption><tr><th>sample IoU</th><th>samples</th><th></th></tr>"
+            f"{rows}</table>")
 
 
 def confusions(items: list[dict], samples: list[dict], top: int = 15) -> list[tuple[str, str, int]]:
@@ -105,8 +112,33 @@ def _gallery(items: list[dict], samples: list[dict], limit: int, root: Path | No
     return "<div class=gallery>" + "".join(cards) + "</div>" if cards else "<p>no images to show</p>"
 
 
+def _release(block: Any) -> str:
+    """The authors' protocol's figures, one table per task and setting (or language): their
+    scripts print different keys for each, so no table mixes two scripts."""
+    if not isinstance(block, dict):
+        return ""
+    parts = ["<h2>The authors' released evaluators (protocol: release)</h2>",
+             f"<p><em>{html.escape(str(block.get('note', '')))}; source {html.escape(str(block.get('source', '')))}. "
+             "Compare these with the paper's figures; the tables above are ours.</em></p>"]
+    for task, subs in block.items():
+        if task in ("protocol", "source", "note"):
+            continue
+        if not isinstance(subs, dict):  # a task they ship no evaluator for
+            parts.append(f"<p>{html.escape(task)}: {html.escape(str(subs))}</p>")
+            continue
+        for sub, fig in subs.items():
+            script = html.escape(str(fig.get("script", "")))
+            if "not_computed" in fig:
+                parts.append(f"<p>{html.escape(task)} · {html.escape(sub)}: {html.escape(fig['not_computed'])}</p>")
+                continue
+            row = {k: v for k, v in fig.items() if k != "script"}
+            parts.append(f"<h3>{html.escape(task)} · {html.escape(sub)} <small>({script})</small></h3>"
+                         + _table({sub: row}, "release", THEIRS))
+    return "\n".join(parts)
+
+
 STYLE = """body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:.5em 0 1.5em}
-td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}.bar{background:#4a7;height:10px}
+td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}caption{font-size:11px;color:#555;text-align:left}.bar{background:#4a7;height:10px}
 .gallery{display:flex;flex-wrap:wrap;gap:12px}figure{width:260px;margin:0}figure img{width:256px}
 figcaption{font-size:12px}.gt{color:#0a0}.pred{color:#e11}"""
 
@@ -136,10 +168,11 @@ def render(result: dict[str, Any], items: list[dict], samples: list[dict], title
         for k, per_task in models.items():
             if isinstance(per_task, dict):
                 parts.append(f"<h3>{html.escape(k)}</h3>" + _table(per_task, "task"))
+    parts.append(_release(result.get("release")))
     parts.append("<h2>IoU distribution (T2R and grounded reports)</h2>" + _iou_histogram(samples))
     conf = confusions(items, samples)
     parts.append("<h2>Most common name confusions</h2>" + (
-        "<table><tr><th>truth</th><th>predicted</th><th>count</th></tr>"
+        f"<table><caption>{html.escape(OURS)}</caption><tr><th>truth</th><th>predicted</th><th>count</th></tr>"
         + "".join(f"<tr><td>{html.escape(t)}</td><td>{html.escape(p)}</td><td>{n}</td></tr>" for t, p, n in conf)
         + "</table>" if conf else "<p>none</p>"))
     parts.append("<h2>Gallery</h2><p><span class=gt>green: ground truth</span>, "

@@ -16,6 +16,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from medrega.vocab import names_match
+from medrega import io
 from medrega.errors import BadInput
 from medrega.grammar import parse_answer_regions, parse_regions
 
@@ -170,11 +171,9 @@ def json_records(path) -> list[tuple[int, Any]]:
     start = len(text) - len(text.lstrip())
     if start == len(text):
         raise BadInput(f"{path}: empty answers file (no record to score)")
-    decoder = json.JSONDecoder()
-
     def decode(at: int) -> tuple[Any, int]:
         try:
-            return decoder.raw_decode(text, at)
+            return io.raw_decode_json(text, at, path)  # a key given twice names its line
         except json.JSONDecodeError as e:
             raise BadInput(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
 
@@ -198,7 +197,7 @@ def json_records(path) -> list[tuple[int, Any]]:
     for lineno, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                records.append((lineno, json.loads(line)))
+                records.append((lineno, io.loads_json(line, path, lineno)))
             except json.JSONDecodeError as e:
                 raise BadInput(f"{path}:{lineno}: not valid JSON ({e.msg}, column {e.colno})") from None
     return records

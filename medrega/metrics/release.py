@@ -896,6 +896,20 @@ def release_block(items: list[dict], wordnet: Any = None, bertscore: Any = None)
     return out
 
 
+def release_headline(block: dict) -> dict[str, dict[str, dict[str, float]]]:
+    """The numeric figures of a `release_block`, `{task: {setting or lang: {their key: value}}}`:
+    what metrics.json, MLflow (`release/...`) and the model card carry beside ours. Figures their
+    script would not print (`not_computed`, a task they ship no evaluator for) are left out."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task, subs in block.items():
+        figures = {sub: {k: float(v) for k, v in fig.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+                   for sub, fig in (subs.items() if isinstance(subs, dict) else ())
+                   if isinstance(fig, dict) and "not_computed" not in fig}
+        if figures:
+            out[task] = figures
+    return out
+
+
 def score_files(paths: Sequence[str | Path], task: str, setting: str | None = None, lang: str | None = None,
                 dataset: str | None = None, wordnet: Any = None, bertscore: Any = None) -> dict:
     """`medrega score --protocol release`: what their script prints on these files. Text-to-Region

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import contextlib
 import os
 from pathlib import Path
 
@@ -83,6 +84,22 @@ def _with_unix_newlines(folder: Path) -> Path:
     return cache
 
 
+@contextlib.contextmanager
+def _nltk_root(root: str):
+    """nltk >= 3.10 opens corpus files only under `nltk.data.path`: authorise `root` for the
+    duration of an open, then leave the process-wide list as it was."""
+    import nltk
+
+    added = root not in nltk.data.path
+    if added:
+        nltk.data.path.append(root)
+    try:
+        yield
+    finally:
+        if added and root in nltk.data.path:
+            nltk.data.path.remove(root)
+
+
 def find_wordnet(path: str | Path | None = None):
     """A WordNet reader from local files only, or None. Order: `path`, $MEDREGA_WORDNET,
     then nltk_data folders already on disk (nltk.data.find never downloads)."""
@@ -95,14 +112,17 @@ def find_wordnet(path: str | Path | None = None):
         def map_wn(self, version="wordnet"):
             return None
 
+        def open(self, fileid):  # every file the reader opens, lazily, while scoring
+            with _nltk_root(self._medrega_root):
+                return super().open(fileid)
+
     for candidate in (path, os.environ.get(WORDNET_ENV), *WORDNET_DIRS):
         if candidate and all((Path(candidate) / f).is_file() for f in ("data.noun", "lexnames")):
             root = str(_with_unix_newlines(Path(candidate).resolve()))
-            # nltk >= 3.10 reads corpora only under nltk.data.path: authorise this folder.
-            if root not in nltk.data.path:
-                nltk.data.path.append(root)
+            LocalWordNet._medrega_root = root
             try:
-                return LocalWordNet(root, None)
+                with _nltk_root(root):
+                    return LocalWordNet(root, None)
             except (OSError, LookupError, ValueError):
                 # an incomplete folder (e.g. no WordNet 3.0 version header): METEOR not computed
                 return None

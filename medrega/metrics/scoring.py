@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 from medrega.grammar import detect_lang, parse_answer_regions, strip_regions
 from medrega.metrics import answers, plugins, region, report, text
+from medrega.metrics.figures import FIGURES
 from medrega.vocab import names_match
 from medrega.errors import BadInput
 
@@ -144,10 +145,20 @@ def summarise(samples: list[dict], scorer: Scorer, model_metrics: dict[str, Any]
                     groups[str(s["groups"][key])].append(s)
             if groups:
                 entry["by"][f"by_{key}"] = {v: scorer.aggregate(task, g) for v, g in sorted(groups.items())}
+        _check_figures(task, entry)
         result[task] = entry
     given = model_metrics or {}
     result["model_metrics"] = {m: given.get(m, NOT_COMPUTED) for m in MODEL_METRICS}
     return result
+
+
+def _check_figures(task: str, entry: dict) -> None:
+    """Every scalar figure is in the table gate names and registry tags are read from
+    (medrega.metrics.figures): a figure added here without a row there is a bug, caught now."""
+    unlisted = sorted(k for k, v in entry.items()
+                      if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in FIGURES[task])
+    if unlisted:
+        raise RuntimeError(f"{task}: figure(s) {', '.join(unlisted)} missing from medrega.metrics.figures.FIGURES")
 
 
 def score_answers(items: list[dict], task: str | None = None, name_match: Callable[[str, str], bool] = names_match,

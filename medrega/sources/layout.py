@@ -12,17 +12,15 @@ then rename) and the index is replaced last, so an interrupted write never index
 """
 from __future__ import annotations
 
-import json
-import os
 import re
-import tempfile
+from io import BytesIO
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 from PIL import Image
 
-from medrega.io import write_json
+from medrega.io import loads_json, write_bytes, write_json
 from medrega.sources.samed2d import CLASS_MAPPING_FILE, MAPPING_FILE
 from medrega.sources.slices import ScanError, Slice2D
 from medrega.vocab import MODALITIES
@@ -57,21 +55,16 @@ def _check(s: Slice2D) -> None:
 
 def _save_png(path: Path, array: np.ndarray) -> None:
     # Fixed encoder options, no metadata chunks: identical input -> identical bytes (as synthetic.py).
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        Image.fromarray(array).save(tmp, format="PNG", compress_level=1, optimize=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # Encoded in memory (one slice), then written whole with the umask's permissions by medrega.io.
+    buffer = BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", compress_level=1, optimize=False)
+    write_bytes(path, buffer.getvalue())
 
 
 def _load(path: Path) -> dict:
     if not path.is_file():
         return {}
-    with path.open(encoding="utf-8") as fh:
-        return json.load(fh)
+    return loads_json(path.read_text(encoding="utf-8"), path)
 
 
 def write_slices(root: Path, slices: Iterable[Slice2D]) -> dict:

@@ -32,6 +32,7 @@ from medrega.sources.reports import Report
 from medrega.vocab import canonical
 from medrega.grammar import encode_box
 from medrega.errors import BadInput
+from medrega.io import loads_json
 
 DATASET = "MIMICCXR"
 R_UTF8 = "report file is UTF-8"
@@ -93,13 +94,13 @@ def load_boxes(path: Path) -> dict[str, list[dict]]:
         if path.is_dir():
             out = {}
             for f in sorted(path.glob("*_SceneGraph.json")):
-                graph = json.loads(f.read_text(encoding="utf-8"))
+                graph = loads_json(f.read_text(encoding="utf-8"), f)
                 phrases = {a.get("bbox_name"): a.get("phrases") or [] for a in graph.get("attributes", [])}
                 objects = [dict(o, phrases=o.get("phrases") or phrases.get(o.get("bbox_name"), []))
                            for o in graph.get("objects", [])]
                 out[str(graph.get("image_id") or f.name.split("_SceneGraph")[0])] = objects
             return out
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = loads_json(path.read_text(encoding="utf-8"), path)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MimicError(path, None, R_BOXES, f"{type(exc).__name__}: {exc}") from None
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):

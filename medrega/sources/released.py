@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator
 
 from medrega import grammar, metafile
+from medrega.io import R_JSON_KEYS, DuplicateKey, loads_json
 
 TASK_HINTS = (("grounded", "grounded"), ("grounding", "grounded"), ("report", "report"),
               ("caption", "caption"), ("vqa", "vqa"), ("cls", "cls"), ("classif", "cls"),
@@ -97,9 +98,12 @@ def iter_released(meta_path: Path) -> Iterator[tuple[str, dict, dict | None, dic
                     continue
                 where = {"file": str(path), "line": lineno, "id": f"{name}:{lineno}"}
                 try:
-                    obj = json.loads(raw.decode("utf-8"))
+                    obj = loads_json(raw.decode("utf-8"), path, lineno)
                 except UnicodeDecodeError as exc:
                     yield name, entry, None, dict(where, rule=R_UTF8, detail=str(exc))
+                    continue
+                except DuplicateKey as dup:  # json.loads would keep the last "conversations" silently
+                    yield name, entry, None, dict(where, rule=R_JSON_KEYS, detail=f"key {dup.key!r} is given twice")
                     continue
                 except json.JSONDecodeError as exc:
                     yield name, entry, None, dict(where, rule=R_JSON, detail=str(exc))

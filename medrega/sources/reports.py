@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from medrega.sources.findings import impression, structure_sentence
 from medrega.sources.samed2d import iter_samples, mask_boxes
 from medrega.errors import BadInput
+from medrega.io import R_JSON_KEYS, DuplicateKey, loads_json, open_atomic
 
 REPORTS_FILE = "reports.jsonl"
 LANGS = ("en", "zh")
@@ -35,6 +34,7 @@ R_JSON = "report line is a JSON object"
 R_FIELDS = "report has required fields"
 R_LANGS = "report text in both languages"
 R_UNIQUE = "one report per image"
+R_KEYS = R_JSON_KEYS  # one rule name for a repeated key, whichever file it is in
 
 
 class ReportError(BadInput):
@@ -98,18 +98,13 @@ def write_reports(root: Path, seed: int = 0, min_pixels: int = 4) -> dict:
     """
     root = Path(root)
     synthetic = _synthetic_datasets()
-    fd, tmp = tempfile.mkstemp(dir=root, prefix=f".{REPORTS_FILE}.", suffix=".tmp")
     n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for sample in iter_samples(root):
-                rec = report_for(sample, sample.dataset in synthetic, min_pixels)
-                fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-                n += 1
-        os.replace(tmp, root / REPORTS_FILE)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # streamed (one line per image of the root), appearing whole with the umask's permissions
+    with open_atomic(root / REPORTS_FILE, "w") as fh:
+        for sample in iter_samples(root):
+            rec = report_for(sample, sample.dataset in synthetic, min_pixels)
+            fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
+            n += 1
     return {"file": REPORTS_FILE, "reports": n, "seed": seed}
 
 
@@ -143,9 +138,11 @@ def read_reports(root: Path, langs=LANGS) -> dict[str, Report]:
             if not text.strip():
                 continue
             try:
-                obj = json.loads(text)
+                obj = loads_json(text, path, lineno)
             except json.JSONDecodeError as exc:
                 raise ReportError(path, lineno, None, R_JSON, str(exc)) from None
+            except DuplicateKey as dup:  # json.loads would keep the last "findings" without a word
+                raise ReportError(path, lineno, None, R_KEYS, f"key {dup.key!r} is given twice") from None
             if not isinstance(obj, dict) or not isinstance(obj.get("image"), str):
                 raise ReportError(path, lineno, None, R_FIELDS, "need an object with a string 'image'")
             image = obj["image"]

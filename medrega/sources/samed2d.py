@@ -10,7 +10,6 @@ parse is an error that names the file and the rule, never a silently dropped sam
 """
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Iterator
@@ -22,6 +21,7 @@ from scipy import ndimage
 from medrega.sources import Region, Sample
 from medrega.vocab import MODALITIES, canonical
 from medrega.errors import BadInput
+from medrega.io import loads_json
 
 MAPPING_FILE = "SAMed2D_v1.json"
 CLASS_MAPPING_FILE = "SAMed2D_v1_class_mapping_id.json"
@@ -86,8 +86,7 @@ def class_lookup(class_mapping: dict, path: Path) -> dict[str, dict[int, str]]:
 def _load_json(path: Path):
     if not path.is_file():
         raise BadInput(f"{path}: missing (an SA-Med2D root holds {MAPPING_FILE} and {CLASS_MAPPING_FILE})")
-    with path.open(encoding="utf-8") as fh:
-        return json.load(fh)
+    return loads_json(path.read_text(encoding="utf-8"), path)  # a key given twice is an error, not the last wins
 
 
 def iter_samples(root: Path) -> Iterator[Sample]:

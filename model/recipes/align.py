@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from medrega import config as config_mod
-from medrega.config import Config
+from medrega.config import Config, LauncherConfig
 from model import training
 from model.data import InstructionDataset, annotation_files
 from model.processor import MedRegAProcessor
@@ -28,10 +28,12 @@ def run(cfg: Config, meta: Path, base_dir: Path, out_dir: Path) -> dict:
     # the launcher is left out of the run's identity: the same run resumes on another cluster shape
     run_id = ("align", align.model_dump(exclude={"launcher"}), cfg.model, cfg.seed, meta, *annotation_files(meta),
               base_dir)
+    launcher = align.launcher or LauncherConfig()  # in one process only its defaults matter
     return training.train(model, dataset, processor, align, stage="align", mode="projector", run_id=run_id,
                           out_dir=out_dir, result="model", seed=cfg.seed,
                           deepspeed=training.deepspeed_config(align.deepspeed) if align.deepspeed else None,
-                          ddp_backend=align.launcher.backend if align.launcher else None)
+                          ddp_backend=launcher.backend if align.launcher else None,
+                          comm_timeout_s=launcher.comm_timeout_s, allow_inexact_resume=launcher.allow_inexact_resume)
 
 
 def main(argv: list[str] | None = None) -> None:

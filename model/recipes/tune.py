@@ -47,7 +47,8 @@ def run(cfg: Config, meta: Path, base_dir: Path, out_dir: Path, callbacks: list 
     return training.train(model, dataset, processor, tune, stage="tune", mode=tune.mode, run_id=run_id,
                           out_dir=out_dir, result="adapter" if tune.mode == "lora" else "model", seed=cfg.seed,
                           deepspeed=training.deepspeed_config(tune.deepspeed) if tune.deepspeed else None,
-                          ddp_backend=tune.launcher.backend, callbacks=callbacks)
+                          ddp_backend=tune.launcher.backend, comm_timeout_s=tune.launcher.comm_timeout_s,
+                          allow_inexact_resume=tune.launcher.allow_inexact_resume, callbacks=callbacks)
 
 
 def main(argv: list[str] | None = None) -> None:
