@@ -30,7 +30,8 @@ def test_answers_on_two_ranks_equal_one_process_byte_for_byte(stage_inputs, tmp_
 
     # three tasks, a few items each, in batches of two: rank 0 and rank 1 take alternate batches
     cfg = stage_inputs["config"].merged({"evaluate": {"tasks": ["r2t", "t2r", "caption"], "max_samples_per_task": 3,
-                                                      "batch_size": 2, "max_new_tokens": 8}})
+                                                      "batch_size": 2, "max_new_tokens": 8},
+                                         "register": {"gate": {"metrics": ["t2r.region_f1", "r2t.accuracy"]}}})
     model = random_model(stage_inputs, tmp_path / "model")
     one = evaluate(stage_inputs["instructions"], model, tmp_path / "one", cfg)
     ranks = cfg.merged({"evaluate": {"launcher": {"kind": "local", "nproc_per_node": 2, "backend": "gloo"}}})
