@@ -295,7 +295,8 @@ def test_a_profile_switch_reruns_what_differs_and_registers_under_it(run):
     assert "register" in next(line for line in log.splitlines() if "Retry 1/2" in line)
     after = json.loads((ws / "artifacts/register/registered.json").read_text())
     assert after["version"] != before["version"]
-    tags = sh(ws, env, sys.executable, "-c", "import json, mlflow; print(json.dumps(mlflow.MlflowClient()"
+    tags = sh(ws, dict(env, MLFLOW_TRACKING_URI=after["tracking_uri"]), sys.executable, "-c",
+              "import json, mlflow; print(json.dumps(mlflow.MlflowClient()"
               f".get_model_version({after['model_name']!r}, {after['version']!r}).tags))")
     assert json.loads(tags.stdout.strip().splitlines()[-1])["profile"] == "short-answers", out(tags)
     assert "profile: short-answers" in (ws / "params.resolved.yaml").read_text()
