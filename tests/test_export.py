@@ -29,7 +29,8 @@ def instructions(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("export")
     generate(root / "data", patients_per_modality=2, slices_per_patient=1, image_size=64, seed=0)
-    cfg = tiny({"materialize": {"test_share": 0.5, "tasks": ["caption", "r2t", "t2r"], "workers": 1}})
+    cfg = tiny({"materialize": {"test_share": 0.5, "tasks": ["caption", "r2t", "t2r"], "workers": 1},
+                "register": {"gate": {"metrics": ["t2r.region_f1", "r2t.accuracy"]}}})
     materialize(root / "data", root / "instructions", cfg)
     return root / "instructions"
 
