@@ -680,44 +680,26 @@ def _fingerprint(source: Path, shards: list[Path]) -> str:
     return digest.hexdigest()
 
 
-def import_checkpoint(src: str | Path, dst: str | Path, *, max_length: int = 2048,
-                      system_message: str | None = None, overwrite: bool = True) -> dict:
-    """Convert the remote-layout checkpoint `src` into a Hugging Face InternVL folder `dst`.
-
-    Returns (and writes to dst/medrega_import.json) what was done. An HF-format `src` is refused
-    here: it loads directly. `system_message` overrides the checkpoint's own.
-    """
+def translated_config(remote: dict, source: Path, spec, kind: str, tokenizer):
+    """The Hugging Face InternVLConfig of a remote-layout config, and its text section."""
     from transformers import InternVLConfig
 
-    source, target = Path(src), Path(dst)
-    layout = checkpoint_layout(source)
-    if layout != "remote":
-        raise CheckpointError(f"{source}: already in Hugging Face InternVL format; load it directly")
-    if target.exists() and not overwrite:
-        raise CheckpointError(f"{target}: exists (pass overwrite=True to replace it)")
-    remote = read_config(source)
-    spec = vision_spec(remote, source)
-    kind = lm_kind(remote, source)
-    fmt = chat_format(source, remote.get("template"), system_message)
-    tokenizer, added, prefix = carry_tokenizer(source, fmt)
-    llm = remote["llm_config"]
-    vocab_rows = max(int(llm["vocab_size"]), len(tokenizer))
+    vocab_rows = max(int(remote["llm_config"]["vocab_size"]), len(tokenizer))
     text = text_config(remote, kind, vocab_rows, tokenizer.convert_tokens_to_ids(IM_END), tokenizer.pad_token_id)
-    select_layer = int(remote.get("select_layer", -1))
     config = InternVLConfig(
         vision_config=vision_config(remote, spec, source), text_config=text,
         image_token_id=tokenizer.convert_tokens_to_ids(IMG_CONTEXT), image_seq_length=spec.num_image_tokens,
         downsample_ratio=spec.downsample_ratio, projector_hidden_act="gelu",
-        vision_feature_layer=select_layer, vision_feature_select_strategy="default",
+        vision_feature_layer=int(remote.get("select_layer", -1)), vision_feature_select_strategy="default",
         tie_word_embeddings=text["tie_word_embeddings"],
     )
     config.architectures = [HF_ARCHITECTURE]
-    ctx = PlanContext(spec=spec, lm=kind, text=text, vocab_rows=vocab_rows, tied=text["tie_word_embeddings"],
-                      source=source)
+    return config, text, vocab_rows
 
-    # Plan every shard from its header before a byte is written: a tensor with no place, a missing
-    # or misshapen one, is an error now rather than a broken folder later.
-    shards = source_shards(source)
+
+def plan_shards(source: Path, shards: list[Path], ctx: "PlanContext", config) -> list[list]:
+    """Every output tensor of every shard, planned from the headers before a byte is written: a
+    tensor with no place, a missing or a misshapen one is an error now, not a broken folder later."""
     plans, dtypes = [], set()
     for shard in shards:
         reader = ShardReader(shard)
@@ -741,55 +723,75 @@ def import_checkpoint(src: str | Path, dst: str | Path, *, max_length: int = 204
             f"{[(k, produced[k], expected[k]) for k in wrong[:5]]}")
     if len(dtypes) == 1:
         config.dtype = next(iter(dtypes))
+    return plans
 
+
+def write_import(tmp: Path, shards: list[Path], plans: list[list], config, tokenizer, processor) -> int:
+    """The converted folder: shards written one tensor at a time, index, config, tokenizer,
+    processor config. Returns the bytes of weights written."""
     written = [i for i, planned in enumerate(plans) if planned]
     names = ({written[0]: "model.safetensors"} if len(written) == 1 else
              {i: f"model-{n + 1:05d}-of-{len(written):05d}.safetensors" for n, i in enumerate(written)})
+    weight_map, total = {}, 0
+    for i in written:
+        reader = ShardReader(shards[i])
+        total += write_shard(tmp / names[i], plans[i], reader)
+        reader.close()
+        weight_map.update({t.name: names[i] for t in plans[i]})
+    if len(written) > 1:
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
+    config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    (tmp / PROCESSOR_CONFIG_NAME).write_text(json.dumps(asdict(processor), indent=2, ensure_ascii=False),
+                                             encoding="utf-8")
+    return total
+
+
+def import_checkpoint(src: str | Path, dst: str | Path, *, max_length: int = 2048,
+                      system_message: str | None = None, overwrite: bool = True) -> dict:
+    """Convert the remote-layout checkpoint `src` into a Hugging Face InternVL folder `dst`.
+
+    Returns (and writes to dst/medrega_import.json) what was done. An HF-format `src` is refused
+    here: it loads directly. `system_message` overrides the checkpoint's own. `dst` appears whole
+    or not at all (built beside it, then renamed; a failed re-import keeps the previous one).
+    """
+    from medrega import io
+
+    source, target = Path(src), Path(dst)
+    layout = checkpoint_layout(source)
+    if layout != "remote":
+        raise CheckpointError(f"{source}: already in Hugging Face InternVL format; load it directly")
+    if target.exists() and not overwrite:
+        raise CheckpointError(f"{target}: exists (pass overwrite=True to replace it)")
+    remote = read_config(source)
+    spec, kind = vision_spec(remote, source), lm_kind(remote, source)
+    fmt = chat_format(source, remote.get("template"), system_message)
+    tokenizer, added, prefix = carry_tokenizer(source, fmt)
+    config, text, vocab_rows = translated_config(remote, source, spec, kind, tokenizer)
+    ctx = PlanContext(spec=spec, lm=kind, text=text, vocab_rows=vocab_rows, tied=text["tie_word_embeddings"],
+                      source=source)
+    shards = source_shards(source)
+    plans = plan_shards(source, shards, ctx, config)
     summary = {
         "source": str(source.resolve()), "source_fingerprint": _fingerprint(source, shards),
         "layout": layout, "language_model": kind, "ps_version": spec.ps_version,
         "transpose_image": spec.transpose, "image_size": spec.image_size, "patch_size": spec.patch_size,
-        "num_image_tokens": spec.num_image_tokens, "select_layer": select_layer,
+        "num_image_tokens": spec.num_image_tokens, "select_layer": int(remote.get("select_layer", -1)),
         "template": fmt.template, "system_message": fmt.system_message, "system_message_from": fmt.source,
         "turn_separator": fmt.separator, "prompt_prefix": prefix, "added_tokens": added,
-        "vocab_size": vocab_rows, "source_shards": len(shards), "shards": len(written),
-        "tensors": len(produced), "skipped": ctx.skipped, "warnings": [],
+        "vocab_size": vocab_rows, "source_shards": len(shards), "shards": sum(1 for p in plans if p),
+        "tensors": sum(len(p) for p in plans), "skipped": ctx.skipped, "warnings": [],
     }
     if remote.get("dynamic_image_size"):
         summary["warnings"].append("the source was trained with dynamic tiling; the pipeline feeds one "
                                    f"{spec.image_size}px tile per image")
-
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-    try:
-        weight_map, total = {}, 0
-        for i in written:
-            reader = ShardReader(shards[i])
-            total += write_shard(tmp / names[i], plans[i], reader)
-            reader.close()
-            weight_map.update({t.name: names[i] for t in plans[i]})
-        if len(written) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(
-                {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2) + "\n")
-        config.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        processor = ProcessorConfig(image_size=spec.image_size, num_image_tokens=spec.num_image_tokens,
-                                    max_length=max_length, system_prompt=fmt.system_message,
-                                    transpose_image=spec.transpose)
-        (tmp / PROCESSOR_CONFIG_NAME).write_text(json.dumps(asdict(processor), indent=2, ensure_ascii=False),
-                                                 encoding="utf-8")
-        summary["bytes"] = total
-        (tmp / IMPORT_RECORD).write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        if target.exists():
-            old = target.with_name(f".{target.name}.old-{os.getpid()}")
-            os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    processor = ProcessorConfig(image_size=spec.image_size, num_image_tokens=spec.num_image_tokens,
+                                max_length=max_length, system_prompt=fmt.system_message,
+                                transpose_image=spec.transpose)
+    with io.atomic_dir(target) as tmp:
+        summary["bytes"] = write_import(tmp, shards, plans, config, tokenizer, processor)
+        io.write_json(tmp / IMPORT_RECORD, summary)
     return summary
 
 

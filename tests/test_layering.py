@@ -36,3 +36,16 @@ def test_the_layer_table_is_acyclic():
     # every allowed edge points to an earlier layer
     for package, allowed in ALLOWED.items():
         assert all(LAYERS.index(dep) < LAYERS.index(package) for dep in allowed)
+
+
+def test_no_product_function_is_longer_than_80_lines():
+    """A function longer than a screen is doing several jobs: split it (the issue's bar)."""
+    long = []
+    for package in LAYERS:
+        for path in sorted((REPO / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > 80:
+                        long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []
