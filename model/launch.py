@@ -200,14 +200,20 @@ class RendezvousFailed(Transient):
     """Nodes could not find or reach each other: which node, which address, what to check."""
 
 
+class RendezvousTimedOut(RendezvousFailed):
+    """A node waited for the others in vain: mostly the symptom of another node's failure."""
+
+
 def failure_diagnosis(failed: list[tuple[Node, str, str]], nnodes: int, log_file: Path,
                       launcher: LauncherConfig) -> MedregaError:
     """The error that explains a failure, from (node, what happened, its output) of each failed
     node in the order they failed: bad input on any node (it is never retried), else the first
-    node's, since what the others report next (a lost store, a timed-out collective) is mostly
-    that node going away. The other failed nodes are named too."""
+    node's that is not a rendezvous timeout, since what the others report next (a lost store, a
+    timed-out collective) is mostly that node going away, and a node left waiting at the
+    rendezvous may end before the one that could not join. The other failed nodes are named too."""
     verdicts = [(node, node_diagnosis(node, what, text, log_file, launcher, nnodes)) for node, what, text in failed]
-    node, err = next(((n, e) for n, e in verdicts if isinstance(e, BadInput)), verdicts[0])
+    node, err = next(((n, e) for n, e in verdicts if isinstance(e, BadInput)),
+                     next(((n, e) for n, e in verdicts if not isinstance(e, RendezvousTimedOut)), verdicts[0]))
     others = [f"node {n.index}: {what}" for n, what, _ in failed if n.index != node.index]
     if others:
         err.args = (f"{err.args[0]}\n(also failed, after node {node.index} or for the same cause: "
@@ -231,7 +237,7 @@ def node_diagnosis(node: Node, what: str, text: str, log_file: Path, launcher: L
             f"Check that node 0 is running and hosts the store on that address and port, that the port is right "
             f"and open (a firewall), and that {node.endpoint.rsplit(':', 1)[0]} routes from this node.")
     if "RendezvousTimeoutError" in names:
-        return RendezvousFailed(
+        return RendezvousTimedOut(
             f"{where}the rendezvous at {node.endpoint} did not complete within {launcher.rdzv_timeout_s} s "
             f"(tune.launcher.rdzv_timeout_s): not all {nnodes} nodes joined. Check that every node was started with "
             f"the same --rdzv-id and --nnodes={nnodes}, that each reaches {node.endpoint} (the address of node 0; "

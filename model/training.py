@@ -49,6 +49,18 @@ def init_distributed(backend: str | None, timeout_s: int) -> None:
                                          timeout=timedelta(seconds=timeout_s))
 
 
+def skip_deepspeed_shm_op() -> None:
+    """On CPU, DeepSpeed's communication backend JIT-compiles a shared-memory all-reduce
+    (deepspeed_shm_comm) in every process it starts, which only its inference all-reduce uses;
+    training reduces through gloo. The build folder is keyed by the op's name, not by the path of
+    the sources, so two installs (or a venv reached through a symlink) rebuild it in turn, about
+    35 s of both cores each time. Marked incompatible, it is never built: DeepSpeed's ops module
+    keeps one `__compatible_ops__` dict per process for such edits."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -205,6 +217,8 @@ def train(model, dataset: InstructionDataset, processor: MedRegAProcessor, cfg: 
             resume.to_universal(Path(last), run_plan.saved, world_size)
         barrier()
         deepspeed = {**deepspeed, "checkpoint": {"load_universal": True}}
+    if deepspeed and not torch.cuda.is_available():
+        skip_deepspeed_shm_op()
     cfg = cfg.model_copy(update={"per_device_batch_size": run_plan.layout.per_device_batch_size,
                                  "gradient_accumulation_steps": run_plan.layout.gradient_accumulation_steps})
     args = training_arguments(cfg, out_dir / "checkpoints", seed=seed, run_name=stage, deepspeed=deepspeed,

@@ -21,6 +21,18 @@ for _key, _value in (("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault(_key, _value)
 
 
+# `make test` runs two xdist workers, each taking whole files (--dist loadfile): a module's shared
+# run stays in one process and its tests keep their file order. Files go out in this order, the
+# longest first (measured), so the two workers end close together; the rest follow alphabetically.
+LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_real_checkpoints.py",
+                 "test_training.py", "test_registry.py", "test_slurm.py", "test_serving.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
+
+
 SMALL = {  # the tiny profile cut down so a whole pipeline runs in a couple of minutes
     "data": {"patients_per_modality": 2, "slices_per_patient": 1},
     "materialize": {"test_share": 0.5},  # 16 patients: both splits non-empty

@@ -29,7 +29,14 @@ from safetensors.torch import load_file
 from medrega.config import LauncherConfig
 from medrega.errors import BadInput
 from model import resume
-from model.launch import RendezvousFailed, free_port, local_nodes, supervise
+from model.launch import (
+    LaunchFailed,
+    RendezvousFailed,
+    free_port,
+    local_nodes,
+    run_slurm,
+    supervise,
+)
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow
@@ -225,11 +232,27 @@ def test_two_slurm_nodes_train_like_one_node_with_two_ranks(slurm_two_nodes, sta
                         time="00:20:00")
     summary = run_tune(stage_inputs, tmp_path / "tune", params)
     script = (tmp_path / "tune" / "train.sbatch").read_text()
-    assert "#SBATCH --nodes=2" in script and "srun --label" in script
+    assert "#SBATCH --nodes=2" in script and "srun --label" in script and "DS_ACCELERATOR=cpu" in script
     log = (tmp_path / "tune" / "train.log").read_text()
     assert "medrega: nodes medrega-node0 medrega-node1 rendezvous 127.0.0.1:" in log
-    assert summary["world_size"] == 2
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
+    assert (tmp_path / "tune" / "model" / "model.safetensors").exists()  # merged after the job
     assert_same_run(summary, tmp_path / "tune", reference)
+
+
+def test_a_failed_slurm_job_fails_the_stage_with_the_jobs_error(slurm_two_nodes, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    launcher = LauncherConfig(kind="slurm", nnodes=1, nproc_per_node=1, backend="gloo", time="00:05:00")
+    with pytest.raises(BadInput, match="missing.yaml: params file not found"):  # bad input stays bad input
+        run_slurm(launcher, ["-m", "model.recipes.tune", "--config", "missing.yaml", "--meta", "missing.json",
+                             "--base", "nowhere", "--out", "o"],
+                  tmp_path / "job.log", poll_s=0.5, on_line=lambda line: None)
+    boom = tmp_path / "boom.py"
+    boom.write_text("raise RuntimeError('CUDA error: out of memory')\n")
+    with pytest.raises(LaunchFailed) as err:  # a job that dies of something else: its own error named
+        run_slurm(launcher, [str(boom)], tmp_path / "job2.log", poll_s=0.5, on_line=lambda line: None)
+    assert "FAILED" in str(err.value)
+    assert "CUDA error: out of memory" in str(err.value)  # the job's own words, from its log
 
 
 # -- failures end in a diagnosis, not a hang ----------------------------------------------------

@@ -1,16 +1,11 @@
-"""The Slurm launcher against a real one-node cluster on loopback (scripts/slurm-local.sh)."""
+"""The sbatch scripts the Slurm launcher writes for the cluster profile. Jobs on a real Slurm
+cluster (two slurmd on loopback, scripts/slurm-local.sh) are run in tests/test_cluster.py."""
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
-import pytest
-
 from medrega import config
-from medrega.config import LauncherConfig
-from medrega.errors import BadInput
-from model.launch import LaunchFailed, run_slurm, sbatch_script, worker_args
+from model.launch import sbatch_script, worker_args
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,51 +38,3 @@ def test_cluster_profile_launches_align_and_evaluation_like_tune():
     assert {"#SBATCH --job-name=medrega-evaluate", "#SBATCH --gpus-per-node=4"} <= set(ev)
     assert "--nproc-per-node=2" in next(line for line in ev if line.startswith("srun "))
     assert cfg.model.device_map == "auto"
-
-
-@pytest.fixture(scope="module")
-def slurm_cluster(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm")
-    start = subprocess.run(["bash", str(REPO / "scripts/slurm-local.sh"), "start", str(state)],
-                           capture_output=True, text=True, timeout=300)
-    assert start.returncode == 0, f"could not start the local Slurm cluster:\n{start.stderr[-3000:]}"
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = str(state / "slurm.conf")
-    yield state
-    subprocess.run(["bash", str(REPO / "scripts/slurm-local.sh"), "stop", str(state)], timeout=60)
-    if old is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = old
-
-
-@pytest.mark.slow
-def test_tiny_tune_runs_through_slurm(slurm_cluster, stage_inputs, tmp_path, monkeypatch):
-    from tasks.tune import tune
-
-    params = stage_inputs["config"].merged({"tune": {"launcher": {
-        "kind": "slurm", "nnodes": 1, "nproc_per_node": 2, "backend": "gloo", "job_name": "medrega-test",
-        "time": "00:20:00"}}})
-    monkeypatch.chdir(tmp_path)
-    summary = tune(stage_inputs["instructions"], stage_inputs["aligned"], tmp_path / "tune", params)
-    assert summary["world_size"] == 2 and summary["zero_stage"] == 3
-    assert (tmp_path / "tune" / "model" / "model.safetensors").exists()
-    script = (tmp_path / "tune" / "train.sbatch").read_text()
-    assert "srun" in script and "DS_ACCELERATOR=cpu" in script
-
-
-@pytest.mark.slow
-def test_failed_job_fails_the_task_with_the_jobs_error(slurm_cluster, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    launcher = LauncherConfig(kind="slurm", nnodes=1, nproc_per_node=1, backend="gloo", time="00:05:00")
-    with pytest.raises(BadInput, match="missing.yaml: params file not found"):  # bad input stays bad input
-        run_slurm(launcher, ["-m", "model.recipes.tune", "--config", "missing.yaml", "--meta", "missing.json",
-                             "--base", "nowhere", "--out", "o"],
-                  tmp_path / "job.log", poll_s=0.5, on_line=lambda line: None)
-    boom = tmp_path / "boom.py"
-    boom.write_text("raise RuntimeError('CUDA error: out of memory')\n")
-    with pytest.raises(LaunchFailed) as err:  # a job that dies of something else: its own error named
-        run_slurm(launcher, [str(boom)],
-                  tmp_path / "job2.log", poll_s=0.5, on_line=lambda line: None)
-    assert "FAILED" in str(err.value)
-    assert "CUDA error: out of memory" in str(err.value)  # the job's own words, from its log
