@@ -21,11 +21,14 @@ for _key, _value in (("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     os.environ.setdefault(_key, _value)
 
 
-# `make test` runs two xdist workers, each taking whole files (--dist loadfile): a module's shared
-# run stays in one process and its tests keep their file order. Files go out in this order, the
-# longest first (measured), so the two workers end close together; the rest follow alphabetically.
-LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_real_checkpoints.py",
-                 "test_training.py", "test_registry.py", "test_slurm.py", "test_serving.py")
+# `make test` runs three xdist workers (much of the suite waits on servers, timeouts and
+# subprocesses), each taking whole files (--dist loadfile): a module's shared run stays in one
+# process and its tests keep their file order. Files go out in this order (measured), so the
+# workers end close together: the three longest first, one to each worker; then, since xdist
+# hands every worker a second file at once, a short one for the longest's worker; then the next
+# two longest for the others; the rest alphabetically, to whichever worker is free.
+LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_make_ui.py",
+                 "test_real_checkpoints.py", "test_registry.py", "test_training.py", "test_serving.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

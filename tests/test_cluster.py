@@ -1,8 +1,8 @@
 """Cluster-ready operations, for real (torchrun, DeepSpeed ZeRO-3, gloo, a c10d rendezvous on
 loopback, Slurm with two slurmd on this machine):
 
-- a run resumed under another world size (2 ranks -> 1, then 1 -> 2) ends where the
-  uninterrupted run ends; a world size that cannot keep the run exact is refused, not restarted;
+- a run killed with kill -9 resumes from its last checkpoint, and one resumed under another world
+  size (2 ranks -> 1, then 1 -> 2), ends where the uninterrupted run ends; a world size that cannot keep the run exact is refused, not restarted;
 - two torchrun "nodes" (127.0.0.1 and 127.0.0.2) train to the same result as one node with two
   ranks, and so do two Slurm nodes;
 - a node that never joins, one pointed at the wrong port, a rank that stops answering: each ends
@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 from dataclasses import replace
 from pathlib import Path
 
+import psutil
 import pytest
 from safetensors.torch import load_file
 
@@ -182,6 +185,44 @@ def test_resume_under_another_world_size_ends_where_the_uninterrupted_run_ends(s
     assert summary["resumed_from"] == "checkpoint-4" and summary["world_size"] == 2
     assert summary["resumed_layout"]["world_size"] == 1 and summary["layout"]["gradient_accumulation_steps"] == 1
     assert_same_run(summary, two, reference)
+
+
+def test_a_run_killed_mid_training_resumes_and_ends_where_the_uninterrupted_run_ends(stage_inputs, reference,
+                                                                                    tmp_path):
+    from medrega.config import write_resolved
+    from model.launch import worker_args, worker_env
+
+    # the run started as the stage starts it, then kill -9 of torchrun and every rank once a
+    # checkpoint is whole
+    params = params_for(stage_inputs)
+    out = tmp_path / "killed"
+    args = worker_args(write_resolved(params, tmp_path / "killed-config.yaml"),
+                       stage_inputs["instructions"] / "meta_file.json", stage_inputs["aligned"] / "model", out)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                             *args], env=worker_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not (out / "checkpoints" / "checkpoint-2" / resume.LAYOUT_FILE).exists():
+        assert proc.poll() is None, "the run finished before it could be killed"
+        time.sleep(0.1)
+    # the ranks run in sessions of their own (torchrun starts them so), so each process of the
+    # tree is killed, as a lost node loses all of them at once
+    for victim in [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]:
+        victim.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "adapter").exists()
+    summary = run_tune(stage_inputs, out, params)  # the same stage again
+    assert summary["resumed_from"] in ("checkpoint-2", "checkpoint-4")  # 4 if its save finished first
+    assert_same_run(summary, out, reference)
+
+    # killed after its final save: the stage takes the result from that checkpoint instead of
+    # training a step past max_steps (under one rank: the world size does not matter then)
+    done = tmp_path / "done"
+    copy_checkpoint(reference["out"] / "checkpoints", done / "checkpoints", 6)
+    summary = run_tune(stage_inputs, done, params_for(stage_inputs, nproc_per_node=1))
+    assert summary["resumed_from"] == "checkpoint-6" and summary["global_step"] == 6
+    assert (done / "adapter" / "adapter_model.safetensors").read_bytes() == \
+        (reference["out"] / "adapter" / "adapter_model.safetensors").read_bytes()
 
 
 def test_a_world_size_that_cannot_resume_exactly_is_refused_not_restarted(stage_inputs, reference, tmp_path):

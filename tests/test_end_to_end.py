@@ -29,7 +29,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import BIN, REPO, isolated_env, make_workspace
+from tests.conftest import BIN, isolated_env, make_workspace
 from tests.phi import leaks, phi_values
 from tests.servers import free_port, stop
 
@@ -364,7 +364,9 @@ def test_s3_server_gone_mid_push_then_next_run_pushes_the_rest(run, s3, prefect_
     left = s3.count(DATA_BUCKET, "dvc/")
     assert dvc_json(ws, env, "status", "--cloud"), "the remote should miss what was deleted"
     assert sh(ws, env, "dvc", "remote", "modify", "s3", "jobs", "1").returncode == 0
-    proc = subprocess.Popen([str(BIN / "medrega"), "pipeline"], cwd=ws, env=env,
+    # one attempt per request (botocore retries a refused connection with backoff, for every file
+    # still to send): the push fails as soon as the server is gone instead of minutes later
+    proc = subprocess.Popen([str(BIN / "medrega"), "pipeline"], cwd=ws, env=dict(env, AWS_MAX_ATTEMPTS="1"),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     stopped = threading.Event()
 
@@ -402,8 +404,8 @@ def test_s3_server_gone_mid_push_then_next_run_pushes_the_rest(run, s3, prefect_
     assert sh(ws, env, "dvc", "remote", "modify", "s3", "jobs", "4").returncode == 0
     again = sh(ws, env, "medrega", "pipeline")
     assert again.returncode == 0, out(again)
-    assert dvc_json(ws, env, "status", "--cloud") == {}
-    assert s3.count(DATA_BUCKET, "dvc/") >= len(objects)
+    assert dvc_json(ws, env, "status", "--cloud") == {}  # everything the workspace needs is back
+    assert s3.count(DATA_BUCKET, "dvc/") > partial
 
 
 def test_fresh_clone_pulls_everything_and_repro_is_up_to_date(run, tmp_path):
@@ -444,47 +446,3 @@ def test_failing_validation_stops_the_flow_and_writes_nothing_downstream(tmp_pat
     assert "Retry 1/2" not in text  # deterministic failures are not retried
     failure = json.loads((ws / ".medrega/failures/validate.json").read_text())
     assert failure["kind"] == "bad_input" and victim.name in failure["message"]
-
-
-def test_make_ui_serves_both_uis_on_loopback_and_ctrl_c_stops_both(tmp_path):
-    """`make ui` as an operator runs it: both servers answer, their addresses are printed, and
-    Ctrl-C (SIGINT to the terminal's process group) leaves neither running."""
-    import os
-    import signal
-
-    from tests.servers import wait_http
-
-    prefect_port, mlflow_port = free_port(), free_port()
-    env = isolated_env(tmp_path)
-    log = tmp_path / "ui.log"
-    with log.open("w") as fh:
-        proc = subprocess.Popen(
-            ["make", "--no-print-directory", "ui", f"PREFECT_UI_PORT={prefect_port}",
-             f"MLFLOW_UI_PORT={mlflow_port}", f"MLFLOW_DB={tmp_path / 'mlflow' / 'mlflow.db'}"],
-            cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
-    urls = {"prefect": f"http://127.0.0.1:{prefect_port}/api/health", "mlflow": f"http://127.0.0.1:{mlflow_port}/health"}
-    try:
-        for url in urls.values():
-            wait_http(url, proc, 240, log)
-        text = log.read_text()
-        assert f"Prefect UI: http://127.0.0.1:{prefect_port}" in text
-        assert f"MLflow UI: http://127.0.0.1:{mlflow_port}" in text
-        assert (tmp_path / "mlflow" / "mlflow.db").exists()  # the store named, not the repo's
-        assert (tmp_path / ".prefect").exists()
-        os.killpg(proc.pid, signal.SIGINT)
-        proc.wait(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    # The servers' workers shut down gracefully, so give them a moment; a server that is still
-    # answering after a minute was left behind.
-    deadline = time.monotonic() + 60
-    for url in urls.values():
-        while True:
-            try:
-                httpx.get(url, timeout=2)
-            except httpx.TransportError:
-                break
-            assert time.monotonic() < deadline, f"{url} still answers after Ctrl-C"
-            time.sleep(1)
