@@ -121,3 +121,27 @@ def test_records_longer_than_max_length_fail_loudly(stage_inputs, tmp_path):
     params = stage_inputs["config"].merged({"model": {"max_length": 40}})  # shorter than any prompt with its image tokens
     with pytest.raises(DataError, match="exceed max_length 40"):
         run_tune(stage_inputs, tmp_path / "tune", params)
+
+
+def test_the_merged_model_keeps_the_dtype_its_base_was_saved_in(tmp_path):
+    """A real base is saved in bf16: merging must not load it in float32 (twice the host memory,
+    and a merged copy twice the size of its base). The merged weights are base + B·A·scale."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    from model.processor import MedRegAProcessor, ProcessorConfig
+    from tasks.tune import merge_adapter
+
+    model = tiny_model().to(torch.bfloat16)
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    model.save_pretrained(str(base))
+    lora = get_peft_model(model, PeftLoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    lora.save_pretrained(str(adapter))
+    MedRegAProcessor(train_tokenizer(["x"] * 4, 300, 1),
+                     ProcessorConfig(image_size=56, num_image_tokens=4, max_length=64)).save_pretrained(adapter)
+    merge_adapter(base, adapter, merged)
+    out = load_file(str(merged / "model.safetensors"))
+    before = load_file(str(base / "model.safetensors"))
+    assert {t.dtype for t in out.values()} == {torch.bfloat16}
+    moved = [k for k in before if not torch.equal(before[k], out[k])]
+    assert moved and all("q_proj" in k for k in moved)
