@@ -777,7 +777,7 @@ def import_checkpoint(src: str | Path, dst: str | Path, *, max_length: int = 204
         "source": str(source.resolve()), "source_fingerprint": _fingerprint(source, shards),
         "layout": layout, "language_model": kind, "ps_version": spec.ps_version,
         "transpose_image": spec.transpose, "image_size": spec.image_size, "patch_size": spec.patch_size,
-        "num_image_tokens": spec.num_image_tokens, "select_layer": int(remote.get("select_layer", -1)),
+        "num_image_tokens": spec.num_image_tokens, "select_layer": config.vision_feature_layer,
         "template": fmt.template, "system_message": fmt.system_message, "system_message_from": fmt.source,
         "turn_separator": fmt.separator, "prompt_prefix": prefix, "added_tokens": added,
         "vocab_size": vocab_rows, "source_shards": len(shards), "shards": sum(1 for p in plans if p),

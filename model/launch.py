@@ -212,13 +212,17 @@ def failure_diagnosis(failed: list[tuple[Node, str, str]], nnodes: int, log_file
     timed-out collective) is mostly that node going away, and a node left waiting at the
     rendezvous may end before the one that could not join. The other failed nodes are named too."""
     verdicts = [(node, node_diagnosis(node, what, text, log_file, launcher, nnodes)) for node, what, text in failed]
-    node, err = next(((n, e) for n, e in verdicts if isinstance(e, BadInput)),
-                     next(((n, e) for n, e in verdicts if not isinstance(e, RendezvousTimedOut)), verdicts[0]))
+    node, err = min(verdicts, key=lambda verdict: _blame_order(verdict[1]))  # the first of equals
     others = [f"node {n.index}: {what}" for n, what, _ in failed if n.index != node.index]
     if others:
         err.args = (f"{err.args[0]}\n(also failed, after node {node.index} or for the same cause: "
                     f"{'; '.join(others)})",)
     return err
+
+
+def _blame_order(err: MedregaError) -> int:
+    """Bad input first, a node left waiting at the rendezvous last, any other error between."""
+    return 0 if isinstance(err, BadInput) else 2 if isinstance(err, RendezvousTimedOut) else 1
 
 
 def node_diagnosis(node: Node, what: str, text: str, log_file: Path, launcher: LauncherConfig,

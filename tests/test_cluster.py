@@ -328,6 +328,22 @@ def test_a_node_pointed_at_the_wrong_port_is_named_with_the_address_it_tried(reh
     assert "node 0: torchrun exited" in message  # node 0, left waiting for it, is named too
 
 
+def test_the_node_that_could_not_join_is_blamed_even_when_the_waiting_node_ends_first(tmp_path):
+    """The order the rehearsal above meets by chance: node 0, left waiting at the rendezvous,
+    ends before node 1, which could not reach the store. Node 1 is the cause and is named first."""
+    from model.launch import Node, failure_diagnosis
+
+    launcher = LauncherConfig(nnodes=2, nproc_per_node=1, rdzv_timeout_s=10)
+    waiting, lost = Node(0, "127.0.0.1", "127.0.0.1:29500", []), Node(1, "127.0.0.2", "127.0.0.1:29501", [])
+    err = failure_diagnosis(
+        [(waiting, "torchrun exited 1", "torch.distributed.elastic.rendezvous.api.RendezvousTimeoutError"),
+         (lost, "torchrun exited 1", "torch.distributed.elastic.rendezvous.api.RendezvousConnectionError: "
+                                     "The connection to the C10d store has failed.")],
+        2, tmp_path / "train.log", launcher)
+    assert str(err).startswith("node 1 (127.0.0.2): could not reach the rendezvous store at 127.0.0.1:29501")
+    assert "also failed, after node 1 or for the same cause: node 0: torchrun exited 1" in str(err)
+
+
 def test_a_rank_that_stops_answering_fails_the_others_within_comm_timeout(tmp_path):
     launcher = LauncherConfig(nnodes=2, nproc_per_node=1, rdzv_timeout_s=60, comm_timeout_s=5)
     worker = tmp_path / "worker.py"
