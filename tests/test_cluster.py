@@ -2,7 +2,8 @@
 loopback, Slurm with two slurmd on this machine):
 
 - a run killed with kill -9 resumes from its last checkpoint, and one resumed under another world
-  size (2 ranks -> 1, then 1 -> 2), ends where the uninterrupted run ends; a world size that cannot keep the run exact is refused, not restarted;
+  size (2 ranks -> 1, then 1 -> 2), ends where the uninterrupted run ends; a world size that
+  cannot keep the run exact is refused, not restarted;
 - two torchrun "nodes" (127.0.0.1 and 127.0.0.2) train to the same result as one node with two
   ranks, and so do two Slurm nodes;
 - a node that never joins, one pointed at the wrong port, a rank that stops answering: each ends

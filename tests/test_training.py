@@ -125,7 +125,7 @@ def test_records_longer_than_max_length_fail_loudly(stage_inputs, tmp_path):
 
 def test_the_merged_model_keeps_the_dtype_its_base_was_saved_in(tmp_path):
     """A real base is saved in bf16: merging must not load it in float32 (twice the host memory,
-    and a merged copy twice the size of its base). The merged weights are base + B·A·scale."""
+    and a merged copy twice the size of its base). Only the adapted projections change."""
     from peft import LoraConfig as PeftLoraConfig
     from peft import get_peft_model
 
