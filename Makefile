@@ -48,6 +48,7 @@ test-fast: $(STAMP)
 # Both UIs on loopback, over the same stores `make pipeline` writes (.prefect/, mlflow/).
 # Ctrl-C stops both (the trap signals exactly the two servers started here and waits for them,
 # so `make ui` returns only once they are gone).
+# One MLflow worker: a UI for the person at this machine (MLflow's default is four processes).
 # Ports and the MLflow store can be overridden: make ui PREFECT_UI_PORT=4300 MLFLOW_DB=/path/mlflow.db
 UI_HOST ?= 127.0.0.1
 PREFECT_UI_PORT ?= 4200
@@ -56,7 +57,7 @@ MLFLOW_DB ?= $(CURDIR)/mlflow/mlflow.db
 ui: $(STAMP)
 	@mkdir -p $(dir $(MLFLOW_DB))
 	@$(BIN)/prefect server start --host $(UI_HOST) --port $(PREFECT_UI_PORT) & P=$$!; \
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host $(UI_HOST) --port $(MLFLOW_UI_PORT) & M=$$!; \
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(MLFLOW_DB) --host $(UI_HOST) --port $(MLFLOW_UI_PORT) --workers 1 & M=$$!; \
 	trap 'kill $$P $$M 2>/dev/null; wait $$P $$M 2>/dev/null' INT TERM EXIT; \
 	echo "Prefect UI: http://$(UI_HOST):$(PREFECT_UI_PORT)   MLflow UI: http://$(UI_HOST):$(MLFLOW_UI_PORT)   (Ctrl-C stops both)"; \
 	wait

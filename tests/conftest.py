@@ -15,7 +15,7 @@ BIN = Path(sys.executable).parent
 
 # What `make test` exports, so `python -m pytest` alone behaves the same (2 slow cores: Prefect's
 # ephemeral server needs more than its default 30 s to start). One OpenMP thread per process: the
-# suite runs four workers, each with its own subprocesses, on two cores, where a second thread per
+# suite runs three workers, each with its own subprocesses, on two cores, where a second thread per
 # process only spins (measured: 6-16 % less CPU for the same tests, and no slower alone).
 for _key, _value in (("OMP_NUM_THREADS", "1"),
                      ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"), ("DS_ACCELERATOR", "cpu"),
@@ -26,30 +26,19 @@ for _key, _value in (("OMP_NUM_THREADS", "1"),
     os.environ.setdefault(_key, _value)
 
 
-# `make test` runs four xdist workers (much of the suite waits on servers, timeouts and
+# `make test` runs three xdist workers (much of the suite waits on servers, timeouts and
 # subprocesses), each taking whole files (--dist loadfile): a module's shared run stays in one
-# process and its tests keep their file order. The end-to-end module is the longest chain (one
-# workspace, its tests in order), so its worker keeps normal priority and the others run niced
-# (below): on two cores they fill the time it leaves idle instead of slowing it down. Files go out
-# in this order: the four longest first, one to each worker; then, since xdist hands every worker a
-# second file at once, a short one for the end-to-end worker and the next three longest for the
-# others; the rest alphabetically, to whichever worker is free.
-LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_real_checkpoints.py",
-                 "test_make_ui.py", "test_registry.py", "test_training.py", "test_serving.py")
-CRITICAL_PATH = LONGEST_FIRST[0]
-NICE = 10
+# process and its tests keep their file order. Files go out in this order (measured), so the
+# workers end close together: the three longest first, one to each worker; then, since xdist
+# hands every worker a second file at once, a short one for the longest's worker; then the next
+# two longest for the others; the rest alphabetically, to whichever worker is free.
+LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_make_ui.py",
+                 "test_real_checkpoints.py", "test_registry.py", "test_training.py", "test_serving.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept within
-
-
-def pytest_runtest_setup(item: pytest.Item) -> None:
-    """A worker lowers its priority (and its subprocesses') at its first test outside the critical
-    path; it never raises it again (an unprivileged process cannot)."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and item.path.name != CRITICAL_PATH and os.nice(0) < NICE:
-        os.nice(NICE - os.nice(0))
 
 
 SMALL = {  # the tiny profile cut down so a whole pipeline runs in a couple of minutes
