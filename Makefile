@@ -24,12 +24,12 @@ export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 # with torch==2.13.0 already there, uv keeps it. uv installs the rest in about half pip's time on
 # a fresh machine (84 s with no cache, byte-compiling on both cores). Compiled at install, as pip
 # does: where PYTHONDONTWRITEBYTECODE is set (these machines set it), nothing is compiled later,
-# and every process would compile transformers, MLflow and Prefect from source again. --native-tls:
+# and every process would compile transformers, MLflow and Prefect from source again. --system-certs:
 # the system certificate store, as pip uses it here (PIP_CERT), instead of uv's bundled roots.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -c constraints.txt uv torch
-	$(BIN)/uv pip install -q --native-tls --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[test]"
+	$(BIN)/uv pip install -q --system-certs --compile-bytecode --python $(BIN)/python -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
