@@ -7,15 +7,13 @@ STAMP := $(VENV)/.installed
 export PREFECT_HOME ?= $(CURDIR)/.prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 export DS_ACCELERATOR ?= cpu
-export TOKENIZERS_PARALLELISM ?= false
-export HF_HUB_OFFLINE ?= 1
-export TRANSFORMERS_OFFLINE ?= 1
+# `medrega` and the tests set the project's environment themselves (medrega/environment.py:
+# offline, no telemetry); `make ui` starts Prefect's and MLflow's servers directly, so they are
+# told here. MLflow's server job runner serves its GenAI features (judges, trace roll-ups), none
+# of which the pipeline uses; left on, `make ui` starts seven more processes for it.
 export DO_NOT_TRACK ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export MLFLOW_DISABLE_TELEMETRY ?= true
-export DVC_NO_ANALYTICS ?= 1
-# MLflow's server job runner serves its GenAI features (judges, trace roll-ups), none of which the
-# pipeline uses; left on, `make ui` starts seven more processes for it.
 export MLFLOW_SERVER_ENABLE_JOB_EXECUTION ?= false
 
 .PHONY: install pipeline test test-fast ui lock clean

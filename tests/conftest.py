@@ -10,20 +10,21 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medrega import environment
+
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 # What `make test` exports, so `python -m pytest` alone behaves the same (2 slow cores: Prefect's
-# ephemeral server needs more than its default 30 s to start). One OpenMP thread per process: the
-# suite runs three workers, each with its own subprocesses, on two cores, where a second thread per
-# process only spins (measured: 6-16 % less CPU for the same tests, and no slower alone).
-for _key, _value in (("OMP_NUM_THREADS", "1"),
-                     ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"), ("DS_ACCELERATOR", "cpu"),
-                     ("TOKENIZERS_PARALLELISM", "false"), ("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-                     ("DO_NOT_TRACK", "1"), ("PREFECT_SERVER_ANALYTICS_ENABLED", "false"),
-                     ("MLFLOW_DISABLE_TELEMETRY", "true"), ("DVC_NO_ANALYTICS", "1"),
-                     ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")):
+# ephemeral server needs more than its default 30 s to start), with the project's environment
+# (medrega/environment.py) for the servers and tools tests start directly. One OpenMP thread per
+# process: the suite runs three workers, each with its own subprocesses, on two cores, where a
+# second thread per process only spins (measured: 6-16 % less CPU for the same tests, and no
+# slower alone). MLflow's server job runner serves GenAI features the pipeline does not use.
+for _key, _value in (("OMP_NUM_THREADS", "1"), ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"),
+                     ("DS_ACCELERATOR", "cpu"), ("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")):
     os.environ.setdefault(_key, _value)
+environment.apply()
 
 
 # `make test` runs three xdist workers (much of the suite waits on servers, timeouts and
@@ -31,9 +32,11 @@ for _key, _value in (("OMP_NUM_THREADS", "1"),
 # process and its tests keep their file order. Files go out in this order (measured), so the
 # workers end close together: the three longest first, one to each worker; then, since xdist
 # hands every worker a second file at once, a short one for the longest's worker; then the next
-# two longest for the others; the rest alphabetically, to whichever worker is free.
-LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_experiments.py", "test_make_ui.py",
-                 "test_real_checkpoints.py", "test_registry.py", "test_training.py", "test_serving.py")
+# two longest for the others; then test_experiments.py, which works on the workspace the
+# end-to-end module trains first (TRAINED below), so it starts once that is there instead of
+# holding a worker idle until then; the rest alphabetically, to whichever worker is free.
+LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_real_checkpoints.py", "test_make_ui.py",
+                 "test_registry.py", "test_training.py", "test_experiments.py", "test_serving.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -76,18 +79,25 @@ def tiny(overlay: dict | None = None, small: bool = False):
 def isolated_env(root: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
+        environment.OFFLINE_AND_QUIET,
         PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}",
         PREFECT_HOME=str(root / ".prefect"),
-        PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180",
-        DO_NOT_TRACK="1",
         DS_ACCELERATOR="cpu",
-        HF_HUB_OFFLINE="1",
-        TOKENIZERS_PARALLELISM="false",
         PYTHONUNBUFFERED="1",
     )
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("MEDREGA_PROFILE", None)
+    return env
+
+
+def plain_env(ws: Path, path: tuple[str, ...] = ()) -> dict[str, str]:
+    """A shell in which nothing is activated: the system's PATH (plus `path`), no VIRTUAL_ENV."""
+    env = isolated_env(ws)
+    env["PATH"] = os.pathsep.join([*path, "/usr/local/bin", "/usr/bin", "/bin"])
+    env["PYTHONPATH"] = str(ws)  # the workspace's copy of the code, also for the console scripts
+    for key in ("VIRTUAL_ENV", "CONDA_PREFIX", "MEDREGA_PYTHON"):
+        env.pop(key, None)
     return env
 
 
@@ -116,21 +126,78 @@ def make_workspace(root: Path) -> Path:
     return root
 
 
+# -- one trained workspace per run ---------------------------------------------------------------
+# Training a workspace is the costliest thing the suite does. tests/test_end_to_end.py trains one
+# (its first pipeline run) and publishes a copy of it, as it was then, for the other modules that
+# need a trained pipeline to work on (tests/test_experiments.py); they take a copy of their own.
+
+TRAINED = "trained-workspace"
+
+
+def run_root(tmp_path_factory) -> Path:
+    """The temporary folder of the whole run, which every xdist worker shares (each worker's
+    own base folder is a child of it)."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def publish_trained(tmp_path_factory, ws: Path | None, failure: str = "") -> None:
+    """A copy of `ws` for other modules (written aside, then renamed: a reader never sees half),
+    or, when the run that should have trained it failed, a note saying so."""
+    dest = run_root(tmp_path_factory) / TRAINED
+    if ws is None:
+        dest.with_name(TRAINED + ".failed").write_text(failure or "the end-to-end run failed")
+        return
+    partial = dest.with_name(TRAINED + ".partial")
+    # DVC's own scratch (locks, its hash cache keyed by inode) stays with the workspace it describes
+    shutil.copytree(ws, partial, symlinks=True, ignore=lambda d, names: ["tmp"] if d.endswith("/.dvc") else [])
+    partial.rename(dest)
+
+
+def trained_copy(request: pytest.FixtureRequest, tmp_path_factory, dest: Path) -> Path:
+    """A copy, at `dest`, of the workspace tests/test_end_to_end.py trained in this run. That
+    module must be part of the run (pytest says so and stops otherwise): it trains the workspace
+    on another worker, or first on this one (conftest orders it first)."""
+    if not any(item.path.name == "test_end_to_end.py" for item in request.session.items):
+        pytest.fail(f"{request.node.path.name} works on the workspace tests/test_end_to_end.py trains: "
+                    "run the two together", pytrace=False)
+    import time
+
+    trained, failed = run_root(tmp_path_factory) / TRAINED, run_root(tmp_path_factory) / (TRAINED + ".failed")
+    deadline = time.monotonic() + 2400
+    while not trained.exists():
+        if failed.exists():
+            pytest.fail(f"no trained workspace: {failed.read_text()[-2000:]}", pytrace=False)
+        assert time.monotonic() < deadline, "tests/test_end_to_end.py published no trained workspace in 40 minutes"
+        time.sleep(2)
+    shutil.copytree(trained, dest, symlinks=True)
+    return dest
+
+
 @pytest.fixture(scope="session")
 def stage_inputs(tmp_path_factory) -> dict:
-    """Materialized instructions and an aligned tiny model, built once for the training tests."""
+    """Materialized instructions and an aligned tiny model for the training tests, built once per
+    run: the first worker to need them builds them under a lock, the others wait and read them
+    (nothing writes there afterwards). Each worker logs its own MLflow runs to its own store."""
+    from filelock import FileLock
+
     from medrega.config import write_resolved
     from medrega.sources.synthetic import generate
     from tasks.align import align
     from tasks.materialize import materialize
 
-    root = tmp_path_factory.mktemp("stages")
-    cfg = tiny(small=True)
-    config_file = write_resolved(cfg, root / "params.resolved.yaml")
-    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{root / 'mlflow.db'}"
-    d = cfg.data
-    generate(root / "data", d.patients_per_modality, d.slices_per_patient, d.image_size, d.seed)
-    materialize(root / "data", root / "instructions", cfg)
-    align(root / "instructions", root / "align", cfg)
-    return {"root": root, "config": cfg, "config_file": config_file,
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.getbasetemp() / 'stage-inputs-mlflow.db'}"
+    root, cfg = run_root(tmp_path_factory) / "stages", tiny(small=True)
+    built = root / "built"
+    with FileLock(f"{root}.lock"):
+        if not built.exists():  # built in place (the meta file names its folders), so a failed build is started over
+            shutil.rmtree(root, ignore_errors=True)
+            root.mkdir()
+            write_resolved(cfg, root / "params.resolved.yaml")
+            d = cfg.data
+            generate(root / "data", d.patients_per_modality, d.slices_per_patient, d.image_size, d.seed)
+            materialize(root / "data", root / "instructions", cfg)
+            align(root / "instructions", root / "align", cfg)
+            built.touch()
+    return {"root": root, "config": cfg, "config_file": root / "params.resolved.yaml",
             "instructions": root / "instructions", "aligned": root / "align"}

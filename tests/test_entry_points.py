@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from medrega import environment
 from tests.conftest import BIN, REPO
 
 LAUNCHER = REPO / "scripts" / "medrega"
@@ -91,8 +92,7 @@ def test_the_cli_sets_the_projects_prefect_home_and_turns_telemetry_off(tmp_path
     """Asked of each library itself, not of our variables: MLflow, for one, ignores DO_NOT_TRACK=1."""
     # as a direct `.venv/bin/medrega ...` starts: nothing set beforehand, HOME elsewhere, no CI
     # marker (MLflow turns its telemetry off by itself under pytest or CI, which would hide a miss)
-    keys = ("PREFECT_HOME", "DO_NOT_TRACK", "PREFECT_SERVER_ANALYTICS_ENABLED", "MLFLOW_DISABLE_TELEMETRY",
-            "DVC_NO_ANALYTICS", "HF_HUB_OFFLINE", "GX_ANALYTICS_ENABLED", "PYTEST_CURRENT_TEST", "CI")
+    keys = ("PREFECT_HOME", *environment.OFFLINE_AND_QUIET, "PYTEST_CURRENT_TEST", "CI")
     env = {k: v for k, v in _clean_env(HOME=str(tmp_path / "home"), PYTHONPATH=str(REPO)).items() if k not in keys}
     probe = """
 import json, os, cli

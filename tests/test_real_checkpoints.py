@@ -5,7 +5,8 @@ shuffle v1) in its published remote-code layout is the `model.checkpoint` of the
 `replica-internvl-chat-v1-2`, and `dvc repro` (every stage's command) takes it through: import -> projector
 alignment under DeepSpeed ZeRO-3 on two CPU ranks -> LoRA tuning under ZeRO-3 on two ranks ->
 evaluation on two ranks -> register; then `medrega predict` and `medrega serve` answer with boxes,
-and `medrega evaluate --model` scores models the pipeline did not train. Few steps: this proves the
+and `medrega evaluate --model` scores models the pipeline did not train. `dvc repro` runs in a
+clone laid out as after `make install`, from a shell where nothing is activated. Few steps: this proves the
 path, not quality. The replica's output head can only choose whole grounded answers (its weights
 are random; tests/internvl_replicas.answering_in_boxes), so every answer carries a box.
 The other published layouts are proved by tests/test_import_checkpoint.py.
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from safetensors.torch import load_file
 from medrega import config as config_mod
 from medrega.config import deep_merge
 from medrega.grammar import parse_regions
-from tests.conftest import BIN, isolated_env, make_workspace
+from tests.conftest import BIN, isolated_env, make_workspace, plain_env
 from tests.internvl_replicas import LAYOUTS, answering_in_boxes, build_replica
 from tests.servers import free_port, stop, wait_http
 
@@ -65,8 +67,11 @@ def run(tmp_path_factory) -> tuple[Path, subprocess.CompletedProcess]:
     # (tests/test_pipeline.py proves the flow; its server would only add start-up time here)
     generated = medrega(ws, "generate", "--profile", PROFILE)
     assert generated.returncode == 0, generated.stderr[-3000:]
-    return ws, subprocess.run([str(BIN / "dvc"), "repro"], cwd=ws, env=env_for(ws), capture_output=True, text=True,
-                              timeout=2400)
+    # as in a clone after `make install`, from a shell where nothing is activated: every stage's
+    # command finds its interpreter itself (scripts/medrega)
+    (ws / ".venv").symlink_to(BIN.parent)
+    return ws, subprocess.run([str(ws / ".venv/bin/dvc"), "repro"], cwd=ws, env=plain_env(ws), capture_output=True,
+                              text=True, timeout=2400)
 
 
 def weights(folder: Path) -> dict:
@@ -76,6 +81,8 @@ def weights(folder: Path) -> dict:
 def test_every_stage_runs_on_the_imported_checkpoint_on_two_ranks(run):
     ws, result = run
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    assert re.findall(r"Running stage '([\w-]+)'", result.stdout) == \
+        ["resolve", "validate", "materialize", "align", "tune", "evaluate", "register"]
     art = ws / "artifacts"
     imported = json.loads((art / "align/base/medrega_import.json").read_text())
     assert imported["source"] == str((ws / REPLICA).resolve()) and imported["transpose_image"] is True

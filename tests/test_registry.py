@@ -248,8 +248,7 @@ def eval_dir(root: Path, name: str, region_f1: float, accuracy: float, measured:
 
 
 def cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               DO_NOT_TRACK="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, PREFECT_HOME=str(cwd / ".prefect"), PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="180")
     return subprocess.run([str(BIN / "medrega"), *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
 

@@ -122,7 +122,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 def server_env(tmp: Path) -> dict[str, str]:
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-                HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1",
+                PYTHONUNBUFFERED="1",
                 MLFLOW_TRACKING_URI=f"sqlite:///{tmp / 'mlflow.db'}")
 
 
