@@ -44,45 +44,12 @@ def tiny_config(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast) -> InternV
     )
 
 
-def sincos_grid(side: int, dim: int) -> torch.Tensor:
-    """Fixed 2-D sine-cosine position codes for a side x side patch grid, row-major, as MAE and
-    ViT-style models initialise them: half the channels encode the row, half the column, each at
-    dim/4 geometric frequencies. Shape (side*side, dim)."""
-    if dim % 4:
-        raise ValueError(f"vision hidden size {dim} is not a multiple of 4")
-    freqs = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))
-    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
-                                indexing="ij")
-    parts = []
-    for axis in (rows.reshape(-1), cols.reshape(-1)):
-        angles = axis[:, None] * freqs[None, :]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=1).float()
-
-
-def init_positions(model: InternVLForConditionalGeneration) -> None:
-    """transformers starts InternViT's absolute position embeddings at zero, so a vision tower
-    trained from scratch knows nothing of where a patch lies until gradients teach it, and the
-    language model (RoPE moves queries and keys, never the values it reads) cannot write a
-    box from what it attends to. Real checkpoints bring learned ones; the tiny preset starts from
-    the sine-cosine grid instead (still trained), which Text-to-Region needs from the first step
-    (BENCHMARKS.md, issue 16)."""
-    emb = model.model.vision_tower.embeddings.position_embeddings
-    if emb is None:
-        return
-    side = int(round((emb.shape[1] - 1) ** 0.5))
-    with torch.no_grad():
-        emb.zero_()
-        emb[0, 1:] = sincos_grid(side, emb.shape[-1])
-
-
 def build_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerFast, seed: int = 0) -> InternVLForConditionalGeneration:
     """A fresh model for stage 1 (alignment)."""
     dtype = getattr(torch, cfg.dtype)
     if cfg.preset == "tiny":
         torch.manual_seed(seed)
         model = InternVLForConditionalGeneration(tiny_config(cfg, tokenizer))
-        init_positions(model)
         model.config._attn_implementation = cfg.attn_implementation
         return model.to(dtype)
     checkpoint = cfg.checkpoint or CHECKPOINT_PRESETS[cfg.preset]

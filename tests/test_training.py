@@ -53,27 +53,6 @@ def test_lora_touches_only_the_language_model():
     assert any("down_proj" in n for n in names) and not any("k_proj" in n for n in names)
 
 
-def test_the_tiny_vision_tower_starts_knowing_where_each_patch_lies(tmp_path):
-    """transformers starts these position embeddings at zero; the tiny preset's are the 2-D
-    sine-cosine grid, and must survive the save and load every stage goes through."""
-    model = tiny_model()
-    m = tiny().model
-    side = m.image_size // m.patch_size
-    pos = model.model.vision_tower.embeddings.position_embeddings.detach()[0]
-    assert pos.shape == (side * side + 1, m.vision_hidden_size)
-    assert not pos[0].any()  # the class token's slot
-    patches = pos[1:]
-    distance = torch.cdist(patches, patches) + torch.eye(side * side) * 1e9
-    assert distance.min() > 0.1  # no two patches share a code
-    grid, half = patches.reshape(side, side, -1), m.vision_hidden_size // 2
-    assert torch.equal(grid[:, :1, :half].expand(-1, side, -1), grid[..., :half])  # row code: same along a row
-    assert torch.equal(grid[:1, :, half:].expand(side, -1, -1), grid[..., half:])  # column code: same down a column
-    assert not torch.equal(grid[0, 0], grid[1, 0]) and not torch.equal(grid[0, 0], grid[0, 1])
-    model.save_pretrained(tmp_path)
-    loaded = type(model).from_pretrained(tmp_path).model.vision_tower.embeddings.position_embeddings
-    assert torch.equal(loaded.detach()[0], pos)
-
-
 def test_align_trains_the_projector_and_nothing_else(stage_inputs):
     aligned = stage_inputs["aligned"]
     last_phase = sorted((aligned / "pretrain").glob("phase-*"))[-1]
