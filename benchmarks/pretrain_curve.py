@@ -17,6 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
+from learning import paired  # benchmarks/learning.py (this folder is on the path when run as a script)
+
 from medrega import config, io
 from medrega.metrics.baselines import PriorBaseline
 from medrega.metrics.scoring import score_samples
@@ -43,6 +45,7 @@ def main() -> None:
     s = scorer(cfg.evaluate)
     blind = PriorBaseline((r for r, _ in iter_records(meta, ["r2t", "t2r"])), kind="mean")
     prior = score_samples([{**i, "prediction": blind.answer(i)} for i in items], scorer=s)
+    prior_iou = statistics.mean(p["iou"] for p in prior)
     queries = [Query(Path(i["image"]), i["question"], None) for i in items]
 
     root = OUT / "pretrain-curve"
@@ -59,12 +62,9 @@ def main() -> None:
         answers = Generator.from_pretrained(root / f"phase-1-{steps}" / "model").generate(
             queries, cfg.evaluate.batch_size, cfg.evaluate.max_new_tokens)
         scored = score_samples([{**i, "prediction": p} for i, p in zip(items, answers)], scorer=s)
-        diff = [m["iou"] - p["iou"] for m, p in zip(scored, prior)]
         rows.append({"steps": steps, "learning_rate": phase.learning_rate, "train_s": round(seconds),
-                     "t2r_mean_iou": statistics.mean(m["iou"] for m in scored),
-                     "prior_mean_iou": statistics.mean(p["iou"] for p in prior),
-                     "iou_minus_prior": {"mean": statistics.mean(diff),
-                                         "stderr": statistics.stdev(diff) / len(diff) ** 0.5}})
+                     "t2r_mean_iou": statistics.mean(m["iou"] for m in scored), "prior_mean_iou": prior_iou,
+                     "iou_minus_prior": paired(scored, prior, "iou")})
         print(rows[-1], flush=True)
     print(f"\n{len(items)} held-out T2R items; phase 1 as committed but max_steps\n")
     print("| phase-1 steps | train s | T2R mean IoU | mean-box prior | model minus prior (SE) |")

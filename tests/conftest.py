@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -126,6 +128,11 @@ def make_workspace(root: Path) -> Path:
     return root
 
 
+def stages_run(dvc_output: str) -> list[str]:
+    """The stages `dvc repro` or `dvc exp run` ran, in order, from its output."""
+    return re.findall(r"Running stage '([\w-]+)'", dvc_output)
+
+
 # -- one trained workspace per run ---------------------------------------------------------------
 # Training a workspace is the costliest thing the suite does. tests/test_end_to_end.py trains one
 # (its first pipeline run) and publishes a copy of it, as it was then, for the other modules that
@@ -161,8 +168,6 @@ def trained_copy(request: pytest.FixtureRequest, tmp_path_factory, dest: Path) -
     if not any(item.path.name == "test_end_to_end.py" for item in request.session.items):
         pytest.fail(f"{request.node.path.name} works on the workspace tests/test_end_to_end.py trains: "
                     "run the two together", pytrace=False)
-    import time
-
     trained, failed = run_root(tmp_path_factory) / TRAINED, run_root(tmp_path_factory) / (TRAINED + ".failed")
     deadline = time.monotonic() + 2400
     while not trained.exists():

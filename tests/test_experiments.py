@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import BIN, plain_env, trained_copy
+from tests.conftest import BIN, plain_env, stages_run, trained_copy
 
 pytestmark = pytest.mark.slow
 
@@ -34,10 +34,6 @@ def sh(ws: Path, *cmd: str, env: dict[str, str] | None = None, check: bool = Tru
 
 def dvc(ws: Path, *args: str, **kwargs) -> subprocess.CompletedProcess:
     return sh(ws, str(ws / ".venv" / "bin" / "dvc"), *args, **kwargs)  # as the README shows it
-
-
-def stages_run(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w-]+)'", output)
 
 
 def registry(ws: Path) -> tuple[list[str], str | None]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import base64
 import json
-import re
 import signal
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from safetensors.torch import load_file
 from medrega import config as config_mod
 from medrega.config import deep_merge
 from medrega.grammar import parse_regions
-from tests.conftest import BIN, isolated_env, make_workspace, plain_env
+from tests.conftest import BIN, isolated_env, make_workspace, plain_env, stages_run
 from tests.internvl_replicas import LAYOUTS, answering_in_boxes, build_replica
 from tests.servers import free_port, stop, wait_http
 
@@ -81,7 +80,7 @@ def weights(folder: Path) -> dict:
 def test_every_stage_runs_on_the_imported_checkpoint_on_two_ranks(run):
     ws, result = run
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    assert re.findall(r"Running stage '([\w-]+)'", result.stdout) == \
+    assert stages_run(result.stdout) == \
         ["resolve", "validate", "materialize", "align", "tune", "evaluate", "register"]
     art = ws / "artifacts"
     imported = json.loads((art / "align/base/medrega_import.json").read_text())
