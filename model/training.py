@@ -61,6 +61,16 @@ def skip_deepspeed_shm_op() -> None:
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
+def leave_distributed() -> None:
+    """Leave the process group before the interpreter exits. Left to the interpreter's teardown,
+    gloo's threads can be destroyed while still joinable, and a rank that finished its work dies of
+    SIGABRT ("terminate called without an active exception"), failing the whole launch. Called on
+    success only: after an error the rank exits without waiting on its peers."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()

@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     a = parser.parse_args(argv)
     run(config_mod.load_resolved(a.config), a.meta, a.base, a.out)
+    training.leave_distributed()
 
 
 if __name__ == "__main__":
