@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 # What `make test` exports, so `python -m pytest` alone behaves the same (2 slow cores: Prefect's
 # ephemeral server needs more than its default 30 s to start), with the project's environment
 # (medrega/environment.py) for the servers and tools tests start directly. One OpenMP thread per
-# process: the suite runs three workers, each with its own subprocesses, on two cores, where a
+# process: the suite runs four workers, each with its own subprocesses, on two cores, where a
 # second thread per process only spins (measured: 6-16 % less CPU for the same tests, and no
 # slower alone). MLflow's server job runner serves GenAI features the pipeline does not use.
 for _key, _value in (("OMP_NUM_THREADS", "1"), ("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180"),
@@ -29,14 +29,15 @@ for _key, _value in (("OMP_NUM_THREADS", "1"), ("PREFECT_SERVER_EPHEMERAL_STARTU
 environment.apply()
 
 
-# `make test` runs three xdist workers (much of the suite waits on servers, timeouts and
-# subprocesses), each taking whole files (--dist loadfile): a module's shared run stays in one
-# process and its tests keep their file order. Files go out in this order (measured), so the
-# workers end close together: the three longest first, one to each worker; then, since xdist
-# hands every worker a second file at once, a short one for the longest's worker; then the next
-# two longest for the others; then test_experiments.py, which works on the workspace the
-# end-to-end module trains first (TRAINED below), so it starts once that is there instead of
-# holding a worker idle until then; the rest alphabetically, to whichever worker is free.
+# `make test` runs four xdist workers on two cores: much of the suite waits on servers, timeouts
+# and subprocesses, and with three the cores sat idle a quarter of the time (22.8 CPU-minutes in
+# 15.1 minutes; four: the same work in 12.5, measured 2026-12-02). Each worker takes whole files
+# (--dist loadfile): a module's shared run stays in one process and its tests keep their file
+# order. Files go out in this order (measured), so the workers end close together: the three
+# longest first, one to each worker, and test_make_ui.py to the fourth, which then takes
+# registry, training and serving as the others are busy; test_experiments.py follows
+# test_real_checkpoints.py, by when the end-to-end module has published the workspace it works on
+# (TRAINED below), so no worker idles waiting for it; the rest to whichever worker is free.
 LONGEST_FIRST = ("test_end_to_end.py", "test_cluster.py", "test_real_checkpoints.py", "test_make_ui.py",
                  "test_registry.py", "test_training.py", "test_experiments.py", "test_serving.py")
 
