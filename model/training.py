@@ -40,7 +40,7 @@ def init_distributed(backend: str | None, timeout_s: int) -> None:
     """Join the process group now, with a bounded timeout: a peer that died or never came makes
     every collective fail after `timeout_s` instead of hanging. (The Trainer would join it later,
     with `ddp_timeout` on GPUs only; it and DeepSpeed reuse a group that exists.)"""
-    if world()[1] <= 1 or torch.distributed.is_initialized():
+    if world()[1] <= 1 or in_process_group():
         return
     cuda = torch.cuda.is_available()
     if cuda:
@@ -66,13 +66,17 @@ def leave_distributed() -> None:
     gloo's threads can be destroyed while still joinable, and a rank that finished its work dies of
     SIGABRT ("terminate called without an active exception"), failing the whole launch. Called on
     success only: after an error the rank exits without waiting on its peers."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
+def in_process_group() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if in_process_group():
         torch.distributed.barrier()
 
 
